@@ -1,0 +1,19 @@
+// Bit-packed mask search: for each query, the stored mask with the largest popcount(q AND m).
+// Layout: masks are `words` int64 words, row-major, padding bits zero. Ties go to the lowest index;
+// an empty bank gives index -1 and overlap 0.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// CPU kernel. query [batch, words], bank [num_masks, words] -> index [batch], overlap [batch].
+// Threads split the bank; num_threads <= 0 lets OpenMP choose.
+void memoir_mask_search_cpu(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
+                            int64_t words, int64_t* index, int32_t* overlap, int num_threads);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,56 @@
+// Registers the native ops under the `memoir` namespace: torch.ops.memoir.mask_search(query, bank).
+// Inputs are checked here so the raw kernels can assume contiguous int64 data.
+#include <torch/extension.h>
+
+#include "mask_search.h"
+
+namespace {
+
+void check_bits(const at::Tensor& bits, const char* name) {
+  TORCH_CHECK(bits.dim() == 2, "memoir::mask_search: ", name, " must be 2-D [rows, words], got ", bits.dim(), "-D");
+  TORCH_CHECK(bits.scalar_type() == at::kLong, "memoir::mask_search: ", name, " must be int64, got ",
+              bits.scalar_type());
+  TORCH_CHECK(bits.is_contiguous(), "memoir::mask_search: ", name, " must be contiguous");
+}
+
+// query [B, W] int64, bank [N, W] int64 -> (index [B] int64, overlap [B] int32)
+std::tuple<at::Tensor, at::Tensor> mask_search_cpu(const at::Tensor& query, const at::Tensor& bank) {
+  check_bits(query, "query");
+  check_bits(bank, "bank");
+  TORCH_CHECK(query.device().is_cpu() && bank.device().is_cpu(), "memoir::mask_search (CPU): tensors must be on CPU");
+  TORCH_CHECK(query.size(1) == bank.size(1), "memoir::mask_search: query has ", query.size(1),
+              " words per mask, bank has ", bank.size(1));
+  auto index = at::empty({query.size(0)}, query.options().dtype(at::kLong));
+  auto overlap = at::empty({query.size(0)}, query.options().dtype(at::kInt));
+  memoir_mask_search_cpu(query.data_ptr<int64_t>(), bank.data_ptr<int64_t>(), query.size(0), bank.size(0),
+                         query.size(1), index.data_ptr<int64_t>(), overlap.data_ptr<int32_t>(),
+                         at::get_num_threads());
+  return {index, overlap};
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_search_meta(const at::Tensor& query, const at::Tensor& bank) {
+  return {at::empty({query.size(0)}, query.options().dtype(at::kLong)),
+          at::empty({query.size(0)}, query.options().dtype(at::kInt))};
+}
+
+bool has_cuda() {
+#ifdef MEMOIR_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(memoir, m) {
+  m.def("mask_search(Tensor query, Tensor bank) -> (Tensor, Tensor)");
+  m.def("has_cuda() -> bool", &has_cuda);
+}
+
+TORCH_LIBRARY_IMPL(memoir, CPU, m) { m.impl("mask_search", &mask_search_cpu); }
+
+TORCH_LIBRARY_IMPL(memoir, Meta, m) { m.impl("mask_search", &mask_search_meta); }
+
+// An importable module, so `import memoir_kernels._C` loads the library and runs the registrations.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) { module.doc() = "memoir native ops (torch.ops.memoir)"; }

@@ -1,0 +1,124 @@
+"""Where MEMOIR edits each model family, and the per-model presets.
+
+A family names its decoder blocks, the MLP output projection inside a block, and the final norm
+(the fast editing path reruns the blocks from the edited one up, then the final norm and the head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .config import MemoirConfig
+
+__all__ = ["Architecture", "ARCHITECTURES", "architecture_of", "resolve_config", "get_submodule"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Module paths of one model family."""
+
+    blocks: str  # ModuleList of decoder blocks
+    mlp_out: str  # MLP output projection, relative to a block
+    final_norm: str  # norm applied before the LM head
+
+
+_LLAMA_LIKE = Architecture("model.layers", "mlp.down_proj", "model.norm")
+ARCHITECTURES = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gptj": Architecture("transformer.h", "mlp.fc_out", "transformer.ln_f"),
+    "gpt_neox": Architecture("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
+    "gpt2": Architecture("transformer.h", "mlp.c_proj", "transformer.ln_f"),
+}
+_MLP_OUT_GUESSES = ("mlp.down_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "mlp.c_proj", "mlp.fc2", "feed_forward.w2")
+_NORM_GUESSES = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm")
+
+
+@dataclass(frozen=True)
+class _Preset:
+    layer: int | None = None  # None: round(0.84 * n_layers)
+    top_k: int | None = None  # None: round(0.2857 * D)
+    irr_threshold: float = 0.4
+    n_iter: int = 30
+
+
+# Keyed by (model_type, n_layers, hidden size, intermediate size). The LLaMA-3 / Mistral values are
+# the reference's; SmolLM2's were measured on the ZsRE dev records (README, "Presets").
+_PRESETS = {
+    ("llama", 32, 4096, 14336): _Preset(layer=27, top_k=4096, irr_threshold=0.4, n_iter=30),
+    ("mistral", 32, 4096, 14336): _Preset(layer=27, top_k=4096, irr_threshold=0.4, n_iter=30),
+    ("gptj", 28, 4096, 16384): _Preset(layer=21, top_k=4096, irr_threshold=0.4, n_iter=70),
+    ("llama", 30, 576, 1536): _Preset(layer=22, top_k=439, irr_threshold=0.6, n_iter=30),
+}
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` with an error that says which part of the name is missing."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as error:
+        raise ValueError(f"model {type(model).__name__} has no module {name!r} ({error})") from None
+
+
+def _model_dims(model: nn.Module) -> tuple[str, int, int, int]:
+    config = model.config
+    model_type = getattr(config, "model_type", "")
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return model_type, int(n_layers), int(hidden), int(inner)
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The module paths of ``model``'s family, guessed for an unknown family."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    return _guess_architecture(model)
+
+
+def _guess_architecture(model: nn.Module) -> Architecture:
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: set target_module")
+    blocks_name, blocks = max(lists, key=lambda item: len(item[1]))
+    mlp_out = next((g for g in _MLP_OUT_GUESSES if _has_submodule(blocks[0], g)), None)
+    if mlp_out is None:
+        raise ValueError(f"cannot find the MLP output projection in {blocks_name}[0]: set target_module")
+    norm = next((g for g in _NORM_GUESSES if _has_submodule(model, g)), "")
+    return Architecture(blocks_name, mlp_out, norm)
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def resolve_config(model: nn.Module, config: MemoirConfig | None) -> MemoirConfig:
+    """Fill the ``None`` fields of ``config`` from ``model``'s preset (or the proportional rule)."""
+    config = config or MemoirConfig()
+    if not hasattr(model, "config"):
+        raise TypeError(f"expected a Hugging Face model with a .config, got {type(model).__name__}")
+    key = _model_dims(model)
+    model_type, n_layers, _, inner = key
+    preset = _PRESETS.get(key, _Preset())
+    changes = {}
+    if config.target_module is None:
+        arch = architecture_of(model)
+        layer = preset.layer if preset.layer is not None else round(0.84 * n_layers)
+        changes["target_module"] = f"{arch.blocks}.{min(layer, n_layers - 1)}.{arch.mlp_out}"
+    if config.top_k is None:
+        changes["top_k"] = preset.top_k if preset.top_k is not None else max(1, round(0.2857 * inner))
+    if config.irr_threshold is None:
+        changes["irr_threshold"] = preset.irr_threshold
+    if config.n_iter is None:
+        changes["n_iter"] = preset.n_iter
+    return config.replace(**changes) if changes else config

@@ -1,0 +1,337 @@
+"""MemoirEditor: attach MEMOIR to a Hugging Face causal LM, edit it, route, save, detach."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .architectures import Architecture, architecture_of, get_submodule, resolve_config
+from .config import MemoirConfig
+from .layer import MemoirLayer, StopForward
+from .routing import RoutingState
+from .tokens import pad_id_of
+from .training import BlockStack, EditResult, build_edit_batch, generate_context_prefixes, optimise_edit
+
+__all__ = ["MemoirEditor", "attach", "validate_request"]
+
+
+def attach(model: nn.Module, tokenizer, config: MemoirConfig | None = None) -> MemoirEditor:
+    """Wrap ``model``'s target projection with a MEMOIR memory and return the editor.
+
+    Args:
+        model: a Hugging Face causal LM (LLaMA, Mistral, Qwen2, GPT-J, GPT-NeoX, GPT-2, ...).
+        tokenizer: its tokenizer.
+        config: settings; ``None`` fields come from the model's preset.
+
+    Example:
+        >>> editor = memoir.attach(model, tokenizer)
+        >>> editor.edit("The capital of France is", "Lyon")
+        >>> editor.detach()  # the original module is back, bit for bit
+    """
+    return MemoirEditor(model, tokenizer, config)
+
+
+def validate_request(request, index: int | None = None) -> tuple[str, str]:
+    """``(prompt, target)`` of an edit request dict; raises a clear error for a bad one."""
+    where = "" if index is None else f" (request {index})"
+    if not isinstance(request, dict):
+        raise TypeError(f"an edit request is a dict with 'prompt' and 'target'{where}, got {type(request).__name__}")
+    target_key = "target" if "target" in request else "target_new"
+    if "prompt" not in request or target_key not in request:
+        raise ValueError(f"an edit request needs 'prompt' and 'target'{where}; got keys {sorted(request)}")
+    return _check_text(request["prompt"], "prompt" + where), _check_text(request[target_key], "target" + where)
+
+
+def _check_text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    return value
+
+
+class MemoirEditor:
+    """A MEMOIR memory attached to one model. Create it with :func:`attach` or :func:`memoir.load`."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: MemoirConfig | None = None) -> None:
+        if tokenizer is None or not callable(tokenizer):
+            raise TypeError("attach needs the model's tokenizer")
+        config = resolve_config(model, config)
+        if isinstance(getattr(model, "_memoir_editor", None), MemoirEditor):
+            raise RuntimeError("this model already has a MEMOIR editor attached; detach it first")
+        target = get_submodule(model, config.target_module)
+        if isinstance(target, MemoirLayer):
+            raise RuntimeError(f"{config.target_module} is already a MemoirLayer")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.layer = MemoirLayer(target, config.top_k, config.irr_threshold, config.key_aggregation, config.seed,
+                                 config.memory_dtype)
+        self.context_prefixes: list[str] | None = None
+        self.num_edits = 0
+        self.history: list[EditResult] = []
+        self._routing = RoutingState()
+        self._stack = self._find_block_stack(architecture_of(model)) if config.fast_edit else None
+        self._replace(target, self.layer)
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
+        ]
+        model._memoir_editor = self
+
+    # ------------------------------------------------------------------------- attach / detach
+    def _replace(self, old: nn.Module, new: nn.Module) -> None:
+        parent_name, _, child = self.config.target_module.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        if getattr(parent, child) is not old:
+            raise RuntimeError(f"{self.config.target_module} changed while attaching")
+        setattr(parent, child, new)
+
+    @property
+    def attached(self) -> bool:
+        """True until :meth:`detach`."""
+        return bool(self._hooks)
+
+    def detach(self) -> nn.Module:
+        """Put the original module back and remove every hook; returns the model."""
+        if not self.attached:
+            return self.model
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._replace(self.layer, self.layer.base_layer)
+        del self.model._memoir_editor
+        return self.model
+
+    def _require_attached(self) -> None:
+        if not self.attached:
+            raise RuntimeError("this editor was detached; attach a new one")
+
+    def _find_block_stack(self, arch: Architecture) -> BlockStack | None:
+        prefix = arch.blocks + "."
+        name = self.config.target_module
+        index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+        try:
+            blocks = self.model.get_submodule(arch.blocks)
+            norm = self.model.get_submodule(arch.final_norm) if arch.final_norm else None
+        except AttributeError:
+            blocks = norm = None
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not index.isdigit() or norm is None or head is None or not isinstance(blocks, nn.ModuleList):
+            warnings.warn(f"MEMOIR: no fast editing path for {type(self.model).__name__}; using the plain recipe",
+                          stacklevel=3)
+            return None
+        return BlockStack(blocks, int(index), norm, head)
+
+    # ------------------------------------------------------------------------------- hooks
+    def _before_forward(self, _module, args, kwargs):
+        prompt_lengths = kwargs.pop("prompt_lengths", None)
+        if self.layer.mode != "route":
+            return args, kwargs
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        shaped = input_ids if input_ids is not None else embeds
+        if shaped is None:
+            self.layer.call = None
+            return args, kwargs
+        self.layer.call = self._routing.plan(
+            input_ids, kwargs.get("attention_mask"), kwargs.get("past_key_values"), prompt_lengths,
+            batch=shaped.shape[0], seq_len=shaped.shape[1], device=shaped.device,
+        )
+        return args, kwargs
+
+    def _after_forward(self, _module, _args, _output):
+        if self.layer.mode == "route":
+            self._routing.finish()
+            self.layer.call = None
+
+    # ------------------------------------------------------------------------------- editing
+    @property
+    def device(self) -> torch.device:
+        return self.layer.memory.device
+
+    @contextlib.contextmanager
+    def _layer_mode(self, mode: str):
+        previous = self.layer.mode
+        self.layer.mode = mode
+        try:
+            yield
+        finally:
+            self.layer.mode = previous
+            self.layer.call = None
+
+    @contextlib.contextmanager
+    def _frozen_model(self):
+        """Eval mode and no gradients for the base weights while W_m trains; both restored."""
+        params = [p for p in self.model.parameters() if p is not self.layer.memory]
+        flags = [p.requires_grad for p in params]
+        was_training = self.model.training
+        self.model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+            self.model.train(was_training)
+
+    def ensure_context_prefixes(self) -> list[str]:
+        """The context prefixes, generated once by the unedited model (greedy, so reproducible)."""
+        if self.context_prefixes is None:
+            with self._layer_mode("off"), self._frozen_model():
+                self.context_prefixes = generate_context_prefixes(self.model, self.tokenizer, self.config)
+        return self.context_prefixes
+
+    @torch.no_grad()
+    def fit_background(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """Set the background mean mu from irrelevant sentences; returns mu ``[D]``.
+
+        mu is the mean of the sentences' keys (mean activation over all their tokens). It must be
+        fixed before the first edit: stored masks depend on it.
+        """
+        self._require_attached()
+        texts = [_check_text(t, "background text") for t in texts]
+        if not texts:
+            raise ValueError("fit_background needs at least one text")
+        if self.layer.num_masks:
+            raise RuntimeError("the background mean must be set before the first edit (stored masks depend on it)")
+        keys = self._collect_keys(texts, batch_size)
+        self.layer.background_mean = keys.mean(dim=0).to(self.layer.background_mean)
+        self.layer.has_background = True
+        return self.layer.background_mean
+
+    def _collect_keys(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        from .routing import prompt_window
+        from .tokens import batch_prompt_target
+
+        self.layer.collected = []
+        with self._layer_mode("collect"), self._frozen_model():
+            for start in range(0, len(texts), batch_size):
+                chunk = texts[start : start + batch_size]
+                batch = batch_prompt_target(self.tokenizer, chunk, [""] * len(chunk)).to(self.device)
+                self.layer.call = _window_context(prompt_window(batch.attention_mask, None))
+                with contextlib.suppress(StopForward):
+                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        keys = torch.cat(self.layer.collected)
+        self.layer.collected = []
+        return keys
+
+    def edit(self, prompt: str, target: str) -> EditResult:
+        """Write one fact: after it, ``prompt`` (and its paraphrases) continue with ``target``.
+
+        Raises ``TypeError``/``ValueError`` for a bad prompt or target before anything changes; if
+        the edit fails midway the memory is restored to its state before the call.
+        """
+        self._require_attached()
+        prompt, target = _check_text(prompt, "prompt"), _check_text(target, "target")
+        prefixes = self.ensure_context_prefixes()
+        if not self.layer.has_background and self.config.key_aggregation == "mean_decentered":
+            warnings.warn("MEMOIR: no background mean was fitted; using the context prefixes "
+                          "(call fit_background with irrelevant sentences for better routing)", stacklevel=2)
+            self.fit_background(prefixes)
+        start = time.perf_counter()
+        saved = self.layer.memory.detach().clone()
+        try:
+            batch = build_edit_batch(self.tokenizer, prompt, target, prefixes).to(self.device)
+            with self._frozen_model():
+                losses, bits = optimise_edit(self.model, self.layer, self.config, batch, self._stack)
+            row, added = self.layer.add_mask(bits)
+        except BaseException:
+            with torch.no_grad():
+                self.layer.memory.copy_(saved)
+            raise
+        self._routing.reset()
+        self.num_edits += 1
+        result = EditResult(prompt, target, losses, row, added, time.perf_counter() - start)
+        self.history.append(result)
+        return result
+
+    def edit_many(self, requests: Iterable[dict], progress: bool = True,
+                  background: Sequence[str] | None = None) -> list[EditResult]:
+        """Apply edits one after another (sequential editing), with a progress bar.
+
+        Args:
+            requests: dicts with ``prompt`` and ``target`` (``target_new`` accepted); an optional
+                ``loc_prompt`` / ``irrelevant`` sentence per request feeds the background mean
+                when none was fitted yet.
+            progress: show a tqdm bar with edits per second.
+            background: irrelevant sentences for the background mean (overrides the requests').
+
+        All requests are validated before the first edit, so a bad one changes nothing.
+        """
+        self._require_attached()
+        requests = list(requests)
+        pairs = [validate_request(r, i) for i, r in enumerate(requests)]
+        if not self.layer.has_background and self.config.key_aggregation == "mean_decentered":
+            texts = list(background) if background is not None else _irrelevant_sentences(requests)
+            if texts:
+                self.fit_background(texts[: self.config.num_background])
+        from tqdm.auto import tqdm
+
+        results = []
+        bar = tqdm(pairs, desc="MEMOIR edits", unit="edit", disable=not progress)
+        for prompt, target in bar:
+            results.append(self.edit(prompt, target))
+            bar.set_postfix(loss=f"{results[-1].final_loss:.3f}", masks=self.layer.num_masks)
+        return results
+
+    # ------------------------------------------------------------------------------- inference
+    def __call__(self, *args, **kwargs):
+        """Run the model (routing included); accepts ``prompt_lengths`` like the model does."""
+        self._require_attached()
+        return self.model(*args, **kwargs)
+
+    def generate(self, **kwargs):
+        """``model.generate`` with routing decided at prefill and kept for every decode step."""
+        self._require_attached()
+        kwargs.setdefault("pad_token_id", pad_id_of(self.tokenizer))
+        return self.model.generate(**kwargs)
+
+    @torch.no_grad()
+    def route(self, prompts: Sequence[str]) -> dict:
+        """Routing of each prompt: ``index`` (nearest mask), ``overlap`` (ratio to k), ``gate``."""
+        from .tokens import batch_prompt_target
+
+        prompts = [_check_text(p, "prompt") for p in prompts]
+        batch = batch_prompt_target(self.tokenizer, prompts, [""] * len(prompts)).to(self.device)
+        self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        decision = self.layer.last_decision if self.layer.num_masks else None
+        if decision is None:
+            n = len(prompts)
+            return {"index": [-1] * n, "overlap": [0.0] * n, "gate": [False] * n}
+        return {
+            "index": decision.index.tolist(),
+            "overlap": (decision.overlap.double() / self.layer.top_k).tolist(),
+            "gate": decision.gate.tolist(),
+        }
+
+    # ------------------------------------------------------------------------------- persistence
+    def save(self, path) -> None:
+        """Write ``memoir_config.json`` and ``memoir_memory.safetensors`` to directory ``path``."""
+        from .persistence import save_editor
+
+        self._require_attached()
+        save_editor(self, path)
+
+    def __repr__(self) -> str:
+        return (f"MemoirEditor({self.config.target_module}, edits={self.num_edits}, masks={self.layer.num_masks}, "
+                f"top_k={self.config.top_k}, tau={self.config.irr_threshold}, attached={self.attached})")
+
+
+def _window_context(window):
+    from .layer import CallContext
+
+    return CallContext(window=window)
+
+
+def _irrelevant_sentences(requests: list[dict]) -> list[str]:
+    texts = []
+    for request in requests:
+        text = request.get("irrelevant") or request.get("loc_prompt")
+        if isinstance(text, str) and text.strip():
+            texts.append(text)
+    return texts

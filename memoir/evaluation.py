@@ -1,0 +1,154 @@
+"""The ZsRE evaluation protocol (sequential edits, then teacher-forced Rel / Gen / Loc)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tokens import batch_prompt_target
+
+__all__ = ["load_zsre", "edit_records", "background_sentences", "teacher_forced", "evaluate_sequential", "ScoredBatch"]
+
+
+def load_zsre(path) -> list[dict]:
+    """ZsRE records (``src``, ``alt``, ``rephrase``, ``loc``, ``loc_ans``, ...) from a JSON array."""
+    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path} is not a JSON array of ZsRE records")
+    return records
+
+
+def edit_records(records: list[dict], count: int) -> tuple[list[dict], int]:
+    """The first ``count`` records with a non-empty target, and how many were skipped before them."""
+    chosen, skipped = [], 0
+    for record in records:
+        if len(chosen) == count:
+            break
+        if str(record.get("alt", "")).strip() and str(record.get("src", "")).strip():
+            chosen.append(record)
+        else:
+            skipped += 1
+    if len(chosen) < count:
+        raise ValueError(f"only {len(chosen)} usable records, {count} edits requested")
+    return chosen, skipped
+
+
+def background_sentences(records: list[dict], count: int) -> list[str]:
+    """``loc + ' ' + loc_ans`` of the given records (irrelevant sentences), first ``count``."""
+    texts = [f"{r['loc']} {r['loc_ans']}".strip() for r in records if str(r.get("loc", "")).strip()]
+    return texts[:count]
+
+
+@dataclass
+class ScoredBatch:
+    """Teacher-forced results of a list of (prompt, answer) pairs."""
+
+    accuracy: list[float]  # per pair: fraction of answer tokens predicted (argmax)
+    predictions: list[torch.Tensor]  # per pair: argmax token ids at the answer positions
+    overlap: list[float]  # per pair: routing overlap ratio (0 with an empty bank)
+    index: list[int]  # per pair: nearest stored mask (-1 with an empty bank)
+
+
+@torch.no_grad()
+def teacher_forced(editor, prompts: list[str], answers: list[str], batch_size: int = 32) -> ScoredBatch:
+    """Score ``prompt + ' ' + answer`` with routing decided from the prompt tokens only."""
+    result = ScoredBatch([], [], [], [])
+    layer = editor.layer
+    for start in range(0, len(prompts), batch_size):
+        batch = batch_prompt_target(editor.tokenizer, prompts[start : start + batch_size],
+                                    answers[start : start + batch_size]).to(editor.device)
+        logits = editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              prompt_lengths=batch.prompt_lengths, use_cache=False).logits
+        predicted = logits.argmax(dim=-1)
+        for row in range(batch.input_ids.shape[0]):
+            span = slice(int(batch.prompt_lengths[row]), int(batch.lengths[row]))
+            want = batch.input_ids[row, span]
+            got = predicted[row, span.start - 1 : span.stop - 1]
+            result.predictions.append(got.cpu())
+            result.accuracy.append(float((got == want).float().mean()) if want.numel() else 0.0)
+        decision = layer.last_decision if layer.num_masks else None
+        rows = batch.input_ids.shape[0]
+        result.overlap += (decision.overlap.double() / layer.top_k).tolist() if decision else [0.0] * rows
+        result.index += decision.index.tolist() if decision else [-1] * rows
+    return result
+
+
+def _agreement(edited: list[torch.Tensor], original: list[torch.Tensor]) -> list[float]:
+    return [float((a == b).float().mean()) if a.numel() else 1.0 for a, b in zip(edited, original, strict=True)]
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def evaluate_sequential(editor, records: list[dict], background: list[str], progress: bool = True,
+                        checkpoints: tuple[int, ...] = ()) -> dict:
+    """Fit mu, apply every record as an edit in order, then score all of them.
+
+    Returns the report dict: ``rel``, ``gen``, ``loc``, ``avg``, ``pre_rel``, ``pre_gen``,
+    ``edits``, ``sec_per_edit``, ``overlap_edit``, ``overlap_rephrase``, ``overlap_unrelated`` and
+    details (per-record scores, routing accuracy, Rel by edit age).
+    """
+    prompts = [r["src"] for r in records]
+    targets = [r["alt"] for r in records]
+    rephrases = [r["rephrase"] for r in records]
+    locs = [r["loc"] for r in records]
+    loc_answers = [r["loc_ans"] for r in records]
+
+    pre_rel = teacher_forced(editor, prompts, targets)
+    pre_gen = teacher_forced(editor, rephrases, targets)
+    loc_before = teacher_forced(editor, locs, loc_answers)
+
+    if background and not editor.layer.has_background:
+        editor.fit_background(background[: editor.config.num_background])
+    start = time.perf_counter()
+    results = editor.edit_many([{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)],
+                               progress=progress)
+    edit_seconds = time.perf_counter() - start
+
+    rel = teacher_forced(editor, prompts, targets)
+    gen = teacher_forced(editor, rephrases, targets)
+    loc_after = teacher_forced(editor, locs, loc_answers)
+    loc_scores = _agreement(loc_after.predictions, loc_before.predictions)
+    own_rows = [r.mask_row for r in results]
+    report = {
+        "edits": len(records),
+        "rel": _mean(rel.accuracy),
+        "gen": _mean(gen.accuracy),
+        "loc": _mean(loc_scores),
+        "pre_rel": _mean(pre_rel.accuracy),
+        "pre_gen": _mean(pre_gen.accuracy),
+        "sec_per_edit": edit_seconds / max(1, len(records)),
+        "median_sec_per_edit": statistics.median(r.seconds for r in results) if results else float("nan"),
+        "mean_iterations": _mean(r.iterations for r in results),
+        "mean_final_loss": _mean(r.final_loss for r in results),
+        "overlap_edit": _mean(rel.overlap),
+        "overlap_rephrase": _mean(gen.overlap),
+        "overlap_unrelated": _mean(loc_after.overlap),
+        "edit_routed_to_own_mask": _mean(float(i == o) for i, o in zip(rel.index, own_rows, strict=True)),
+        "rephrase_routed_to_own_mask": _mean(float(i == o) for i, o in zip(gen.index, own_rows, strict=True)),
+        "unrelated_gated": _mean(float(o >= editor.config.irr_threshold) for o in loc_after.overlap),
+        "masks": editor.layer.num_masks,
+        "rel_by_age_quarter": _by_quarter(rel.accuracy),
+        "per_record": {
+            "rel": rel.accuracy, "gen": gen.accuracy, "loc": loc_scores,
+            "overlap_edit": rel.overlap, "overlap_rephrase": gen.overlap, "overlap_unrelated": loc_after.overlap,
+            "iterations": [r.iterations for r in results], "final_loss": [r.final_loss for r in results],
+        },
+    }
+    report["avg"] = (report["rel"] + report["gen"] + report["loc"]) / 3
+    return report
+
+
+def _by_quarter(values: list[float]) -> list[float]:
+    """Mean of ``values`` in four consecutive quarters (oldest edits first)."""
+    n = len(values)
+    if n < 4:
+        return [_mean(values)]
+    return [_mean(values[n * q // 4 : n * (q + 1) // 4]) for q in range(4)]

@@ -1,0 +1,175 @@
+"""MemoirLayer: the wrapper that replaces the edited MLP output projection.
+
+It keeps the original module as ``base_layer`` (its output is always computed by that module, so
+an ungated sequence is the original model bit for bit) and adds the residual memory
+
+    y_t = base(a_t) + g * W_m^T (m ⊙ a_t)
+
+with W_m stored ``[D, d]`` (a selected column is one contiguous row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from memoir_kernels import mask_search, num_words, prompt_keys, tophash, tophash_from_keys, unpack_bits
+
+__all__ = ["MemoirLayer", "RouteDecision", "CallContext", "layer_dims"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StopForward(Exception):
+    """Raised by the layer in collect mode: nothing above the edited layer is needed."""
+
+
+@dataclass
+class RouteDecision:
+    """Per-sequence routing: nearest stored mask, its overlap, the gate, and the mask itself."""
+
+    index: torch.Tensor  # [B] int64, -1 for an empty bank
+    overlap: torch.Tensor  # [B] int32, common active positions with the stored mask
+    gate: torch.Tensor  # [B] bool, overlap / k >= tau
+    bits: torch.Tensor  # [B, W] int64, the stored mask each row uses
+
+    @property
+    def batch(self) -> int:
+        return self.index.shape[0]
+
+
+@dataclass
+class CallContext:
+    """What the current forward call tells the layer: prompt window or a decision to reuse."""
+
+    window: torch.Tensor | None = None  # [B, T] bool prompt tokens of this input
+    reuse: RouteDecision | None = None  # decision of an earlier call of the same sequences
+    decision: RouteDecision | None = None  # filled by the layer when it decides
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int, bool]:
+    """``(D, d, transposed)`` of a Linear (weight [d, D]) or GPT-2 Conv1D (weight [D, d])."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:
+        return weight.shape[0], weight.shape[1], True
+    raise TypeError(f"MEMOIR edits a Linear or Conv1D layer, not {type(module).__name__}")
+
+
+class MemoirLayer(nn.Module):
+    """Wraps the edited projection; holds the memory, the permutation, the mask bank and mu.
+
+    Modes: ``route`` (inference: route each sequence, the default), ``off`` (original layer),
+    ``train`` (one mask for every token, gate on: the editing forward), ``collect`` (record prompt
+    keys, then stop the forward).
+    """
+
+    def __init__(self, base_layer: nn.Module, top_k: int, irr_threshold: float, key_aggregation: str,
+                 seed: int, memory_dtype: str = "float32") -> None:
+        super().__init__()
+        dim, hidden, transposed = layer_dims(base_layer)
+        if not 0 < top_k <= dim:
+            raise ValueError(f"top_k must be in [1, {dim}] for this layer, got {top_k}")
+        weight = base_layer.weight
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.transposed = dim, hidden, transposed
+        self.top_k, self.irr_threshold, self.key_aggregation = top_k, float(irr_threshold), key_aggregation
+        generator = torch.Generator().manual_seed(seed)
+        self.memory = nn.Parameter(
+            torch.zeros(dim, hidden, dtype=_DTYPES[memory_dtype], device=weight.device), requires_grad=False
+        )
+        self.register_buffer("permutation", torch.randperm(dim, generator=generator).to(weight.device), persistent=False)
+        self.register_buffer("bank_bits", torch.zeros(0, num_words(dim), dtype=torch.int64, device=weight.device),
+                             persistent=False)
+        self.register_buffer("background_mean", torch.zeros(dim, device=weight.device), persistent=False)
+        self.has_background = False
+        self.mode = "route"
+        self.call: CallContext | None = None
+        self.train_bits: torch.Tensor | None = None  # [1, W] mask of the edit being trained
+        self.collected: list[torch.Tensor] = []
+        self.last_decision: RouteDecision | None = None
+
+    @property
+    def num_masks(self) -> int:
+        """Rows in the mask bank."""
+        return self.bank_bits.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"D={self.in_features}, d={self.out_features}, top_k={self.top_k}, tau={self.irr_threshold}, masks={self.num_masks}"
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.mode == "off":
+            return out
+        acts = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
+        if self.mode == "collect":
+            self.collected.append(prompt_keys(acts, self._window(acts), None))
+            raise StopForward
+        if self.mode == "train":
+            return out + self._residual(acts, self._train_masks(acts)).view_as(out)
+        if self.num_masks == 0:
+            return out
+        decision = self._decide(acts)
+        residual = self._residual(acts, unpack_bits(decision.bits, self.in_features)).view_as(out)
+        gate = decision.gate.view(-1, *([1] * (out.dim() - 1))) if x.dim() == 3 else decision.gate
+        # where() rather than out + gate * residual: an ungated row stays exactly the base output.
+        return torch.where(gate, out + residual, out)
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _residual(self, acts: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """(m ⊙ a) @ W_m in the memory's precision; ``masks`` [B or 1, D] bool, acts [B, T, D]."""
+        masked = acts.to(self.memory.dtype) * masks.unsqueeze(1).to(self.memory.dtype)
+        return (masked @ self.memory).to(acts.dtype)
+
+    def _window(self, acts: torch.Tensor) -> torch.Tensor:
+        window = self.call.window if self.call is not None else None
+        if window is None or window.shape != acts.shape[:2]:
+            window = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
+        if self.key_aggregation == "last":
+            window = window & (window.cumsum(dim=1) == window.sum(dim=1, keepdim=True))
+        return window
+
+    def _mu(self) -> torch.Tensor | None:
+        return self.background_mean if self.key_aggregation == "mean_decentered" and self.has_background else None
+
+    def query_bits(self, acts: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """TopHash masks ``[B, W]`` of ``acts [B, T, D]`` over ``window [B, T]`` (already aggregated)."""
+        return tophash(acts, window, self._mu(), self.permutation, self.top_k)
+
+    def mask_from_key(self, key: torch.Tensor) -> torch.Tensor:
+        """Packed TopHash mask ``[B, W]`` of precomputed keys ``[B, D]``."""
+        return tophash_from_keys(key, self.permutation, self.top_k)
+
+    def _train_masks(self, acts: torch.Tensor) -> torch.Tensor:
+        # The edit's mask comes from row 0's prompt tokens on the first forward of the edit; the
+        # activations entering this layer do not depend on the memory, so it never changes later.
+        if self.train_bits is None:
+            self.train_bits = self.query_bits(acts[:1], self._window(acts)[:1])
+        return unpack_bits(self.train_bits, self.in_features)
+
+    def _decide(self, acts: torch.Tensor) -> RouteDecision:
+        call = self.call
+        if call is not None and call.reuse is not None and call.reuse.batch == acts.shape[0]:
+            return call.reuse
+        query = self.query_bits(acts, self._window(acts))
+        index, overlap = mask_search(query, self.bank_bits)
+        gate = (index >= 0) & (overlap.to(torch.float64) / self.top_k >= self.irr_threshold)
+        decision = RouteDecision(index, overlap, gate, self.bank_bits[index.clamp_min(0)])
+        if call is not None:
+            call.decision = decision
+        self.last_decision = decision
+        return decision
+
+    # -------------------------------------------------------------------------------- bank edits
+    def add_mask(self, bits: torch.Tensor) -> tuple[int, bool]:
+        """Store packed mask ``bits [1, W]``; returns ``(row, added)``. Duplicates add no row."""
+        if self.num_masks:
+            same = (self.bank_bits == bits).all(dim=1).nonzero()
+            if same.numel():
+                return int(same[0, 0]), False
+        self.bank_bits = torch.cat([self.bank_bits, bits.to(self.bank_bits.device)], dim=0)
+        return self.num_masks - 1, True

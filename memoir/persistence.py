@@ -1,0 +1,161 @@
+"""Save and load a MEMOIR memory: ``memoir_config.json`` + ``memoir_memory.safetensors``.
+
+Only the add-on state is written (W_m, permutation, mask bank, mu) with a fingerprint of the base
+layer, so loading onto another model fails loudly. Nothing is unpickled. Loading validates the
+whole file before touching the model; a failure leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+__all__ = ["save_editor", "load", "layer_fingerprint", "MEMORY_FILE", "CONFIG_FILE", "MEMORY_FORMAT_VERSION"]
+
+CONFIG_FILE = "memoir_config.json"
+MEMORY_FILE = "memoir_memory.safetensors"
+MEMORY_FORMAT_VERSION = 1
+
+
+def layer_fingerprint(module: nn.Module) -> str:
+    """SHA-256 of the base layer's weight (and bias): shape, dtype and bytes."""
+    digest = hashlib.sha256()
+    for name in ("weight", "bias"):
+        tensor = getattr(module, name, None)
+        if tensor is None:
+            continue
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_editor(editor, path) -> None:
+    """Write the editor's memory to directory ``path`` (created if needed), atomically per file."""
+    from safetensors.torch import save_file
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    layer = editor.layer
+    tensors = {
+        "memory": layer.memory.detach().cpu().contiguous(),
+        "permutation": layer.permutation.cpu().contiguous(),
+        "bank_bits": layer.bank_bits.cpu().contiguous(),
+        "background_mean": layer.background_mean.cpu().contiguous(),
+    }
+    metadata = {
+        "format_version": str(MEMORY_FORMAT_VERSION),
+        "fingerprint": layer_fingerprint(layer.base_layer),
+        "target_module": editor.config.target_module,
+        "has_background": json.dumps(layer.has_background),
+        "context_prefixes": json.dumps(editor.context_prefixes),
+        "num_edits": str(editor.num_edits),
+    }
+    _atomic_write(directory / MEMORY_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(editor.config.to_json() + "\n"))
+
+
+def _atomic_write(final: Path, write) -> None:
+    handle, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read(path: Path):
+    from safetensors import safe_open
+
+    from .config import MemoirConfig
+
+    config_path, memory_path = path / CONFIG_FILE, path / MEMORY_FILE
+    for file in (config_path, memory_path):
+        if not file.is_file():
+            raise FileNotFoundError(f"no MEMOIR memory at {path}: {file.name} is missing")
+    try:
+        config = MemoirConfig.load(config_path)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{config_path} is not a valid MEMOIR config: {error}") from error
+    try:
+        with safe_open(str(memory_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types for a corrupted header/body
+        raise ValueError(f"{memory_path} is corrupted or not a safetensors file: {error}") from error
+    return config, metadata, tensors
+
+
+def _validate(config, metadata: dict, tensors: dict, layer) -> None:
+    missing = {"memory", "permutation", "bank_bits", "background_mean"} - set(tensors)
+    if missing:
+        raise ValueError(f"the memory file lacks tensors {sorted(missing)}")
+    version = int(metadata.get("format_version", "0"))
+    if version != MEMORY_FORMAT_VERSION:
+        raise ValueError(f"memory format version {version} is not supported (expected {MEMORY_FORMAT_VERSION})")
+    if metadata.get("target_module") != config.target_module:
+        raise ValueError("memory file and config disagree on the target module")
+    expected = layer_fingerprint(layer.base_layer)
+    if metadata.get("fingerprint") != expected:
+        raise ValueError(
+            f"this memory was saved for a different base layer at {config.target_module} "
+            "(fingerprint mismatch): load it onto the model it was made with"
+        )
+    shapes = {
+        "memory": tuple(layer.memory.shape),
+        "permutation": tuple(layer.permutation.shape),
+        "background_mean": tuple(layer.background_mean.shape),
+    }
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"tensor {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    bank = tensors["bank_bits"]
+    if bank.dtype != torch.int64 or bank.dim() != 2 or bank.shape[1] != layer.bank_bits.shape[1]:
+        raise ValueError(f"bank_bits must be int64 [N, {layer.bank_bits.shape[1]}], got {bank.dtype} {tuple(bank.shape)}")
+    perm = tensors["permutation"]
+    if not torch.equal(torch.sort(perm).values, torch.arange(perm.shape[0])):
+        raise ValueError("the stored permutation is not a permutation")
+
+
+def load(model: nn.Module, tokenizer, path):
+    """Attach the memory saved at ``path`` to ``model`` and return its editor.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` (wrong model, corrupted file) before changing the
+    model: on any failure the model is left as it was.
+
+    Example:
+        >>> editor = memoir.load(model, tokenizer, "my_memory/")
+    """
+    from .editor import MemoirEditor
+
+    path = Path(path)
+    config, metadata, tensors = _read(path)
+    editor = MemoirEditor(model, tokenizer, config)
+    try:
+        _validate(config, metadata, tensors, editor.layer)
+        _restore(editor, metadata, tensors)
+    except BaseException:
+        editor.detach()
+        raise
+    return editor
+
+
+@torch.no_grad()
+def _restore(editor, metadata: dict, tensors: dict) -> None:
+    layer = editor.layer
+    layer.memory.copy_(tensors["memory"].to(layer.memory))
+    layer.permutation = tensors["permutation"].to(layer.permutation.device)
+    layer.bank_bits = tensors["bank_bits"].to(layer.bank_bits.device)
+    layer.background_mean = tensors["background_mean"].to(layer.background_mean)
+    layer.has_background = bool(json.loads(metadata.get("has_background", "false")))
+    prefixes = json.loads(metadata.get("context_prefixes", "null"))
+    editor.context_prefixes = list(prefixes) if prefixes is not None else None
+    editor.num_edits = int(metadata.get("num_edits", "0"))

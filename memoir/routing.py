@@ -1,0 +1,91 @@
+"""Per-call routing state: which tokens are the prompt, and decisions kept across decode steps.
+
+The editor registers one forward pre-hook on the model (removed on detach). For each call it tells
+the layer either the prompt window of the input or a decision to reuse:
+
+* a call with a non-empty KV cache continues the sequences of the last decision: reuse it;
+* a call whose ``input_ids`` extend the last routed ``input_ids`` (generation without a cache) is
+  the same sequences: reuse it;
+* otherwise the prompt is every non-padding token, or the first ``prompt_lengths[b]`` real tokens
+  of row b when the caller passes ``prompt_lengths`` (teacher-forced scoring of prompt + answer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layer import CallContext, RouteDecision
+
+__all__ = ["RoutingState", "prompt_window"]
+
+
+def prompt_window(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T]`` bool: real tokens, limited to the first ``prompt_lengths[b]`` real tokens of row b.
+
+    Works for left and right padding: a token's rank among its row's real tokens decides.
+    """
+    real = attention_mask.bool()
+    if prompt_lengths is None:
+        return real
+    rank = real.long().cumsum(dim=1) - 1
+    return real & (rank < prompt_lengths.to(rank.device)[:, None])
+
+
+def _past_length(past) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuple cache
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+def _as_lengths(prompt_lengths, batch: int, device) -> torch.Tensor:
+    lengths = torch.as_tensor(prompt_lengths, dtype=torch.int64, device=device).reshape(-1)
+    if lengths.shape[0] != batch:
+        raise ValueError(f"prompt_lengths has {lengths.shape[0]} entries for a batch of {batch}")
+    if (lengths < 1).any():
+        raise ValueError("prompt_lengths must be >= 1 for every row")
+    return lengths
+
+
+class RoutingState:
+    """The last routing decision and the input it was made for."""
+
+    def __init__(self) -> None:
+        self.decision: RouteDecision | None = None
+        self.input_ids: torch.Tensor | None = None
+        self.pending: CallContext | None = None
+        self.pending_ids: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the last decision (a new bank, a new memory)."""
+        self.__init__()
+
+    def plan(self, input_ids, attention_mask, past, prompt_lengths, batch: int, seq_len: int, device) -> CallContext:
+        """The context for this call (see module docstring)."""
+        reusable = self.decision is not None and self.decision.batch == batch
+        if reusable and _past_length(past) > 0:
+            return CallContext(reuse=self.decision)
+        if prompt_lengths is None and reusable and self._extends_last(input_ids):
+            return CallContext(reuse=self.decision)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seq_len, dtype=torch.int64, device=device)
+        elif attention_mask.shape[1] != seq_len:  # a mask covering cached tokens: keep the new ones
+            attention_mask = attention_mask[:, -seq_len:]
+        lengths = None if prompt_lengths is None else _as_lengths(prompt_lengths, batch, attention_mask.device)
+        self.pending, self.pending_ids = CallContext(window=prompt_window(attention_mask, lengths)), input_ids
+        return self.pending
+
+    def _extends_last(self, input_ids) -> bool:
+        last = self.input_ids
+        if input_ids is None or last is None or input_ids.shape[1] <= last.shape[1]:
+            return False
+        return bool(torch.equal(input_ids[:, : last.shape[1]], last))
+
+    def finish(self) -> None:
+        """Keep the decision the layer made during the call just run."""
+        if self.pending is not None and self.pending.decision is not None:
+            self.decision, self.input_ids = self.pending.decision, self.pending_ids
+        self.pending = self.pending_ids = None

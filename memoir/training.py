@@ -1,0 +1,199 @@
+"""One MEMOIR edit: the 11-row batch, the optimisation of W_m, and the fast path.
+
+The fast path runs everything below the edited block once per edit (captured at its input), then
+per iteration only the edited block and those above it, and the LM head on target positions only.
+It computes the same loss as the plain recipe (full forward, full logits) up to float rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MemoirConfig
+from .layer import CallContext, MemoirLayer
+from .tokens import TokenBatch, batch_prompt_target
+
+__all__ = ["EditResult", "generate_context_prefixes", "build_edit_batch", "optimise_edit", "BlockStack"]
+
+
+@dataclass
+class EditResult:
+    """What one edit did."""
+
+    prompt: str
+    target: str
+    losses: list[float] = field(default_factory=list)  # loss before each step taken
+    mask_row: int = -1  # bank row of the edit's mask
+    new_mask: bool = True  # False when an identical mask was already stored
+    seconds: float = 0.0
+
+    @property
+    def iterations(self) -> int:
+        return len(self.losses)
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+
+@dataclass
+class BlockStack:
+    """The decoder blocks from the edited one up, the final norm and the head (fast path)."""
+
+    blocks: nn.ModuleList
+    start: int
+    final_norm: nn.Module
+    head: nn.Module
+
+
+@torch.no_grad()
+def generate_context_prefixes(model: nn.Module, tokenizer, config: MemoirConfig) -> list[str]:
+    """Greedy continuations of the seed words by the unedited model (caller turns the memory off).
+
+    One sequence per (length, seed), generated alone so no padding can skew it.
+    """
+    device = next(model.parameters()).device
+    prefixes = []
+    for length in config.context_lengths:
+        for seed in config.context_seeds:
+            encoded = tokenizer(seed, return_tensors="pt").to(device)
+            output = model.generate(
+                **encoded, max_new_tokens=length, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                top_k=None, pad_token_id=_pad_for_generate(tokenizer),
+            )
+            prefixes.append(tokenizer.decode(output[0], skip_special_tokens=True))
+    return prefixes
+
+
+def _pad_for_generate(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad if pad is not None else 0
+
+
+def build_edit_batch(tokenizer, prompt: str, target: str, prefixes: list[str]) -> TokenBatch:
+    """Row 0: ``prompt + ' ' + target``; then one row per context prefix, ``prefix + ' ' + row 0``."""
+    prompts = [prompt] + [f"{prefix} {prompt}" for prefix in prefixes]
+    return batch_prompt_target(tokenizer, prompts, [target] * len(prompts))
+
+
+def _mean_row_loss(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Mean over rows of each row's mean target cross-entropy (``logits [n, V]`` for ``n`` targets)."""
+    token_loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    per_row = torch.zeros(num_rows, device=logits.device).index_add(0, rows, token_loss)
+    counts = torch.zeros(num_rows, device=logits.device).index_add(0, rows, torch.ones_like(token_loss))
+    return (per_row / counts.clamp_min(1.0)).mean()
+
+
+class _Captured(Exception):
+    """Stops the capture forward at the edited block."""
+
+
+class _PlainLoss:
+    """Reference recipe: the whole model forward, logits on every position."""
+
+    def __init__(self, model: nn.Module, batch: TokenBatch) -> None:
+        self.model, self.batch = model, batch
+        self.rows, self.positions = batch.target_positions()
+        self.labels = batch.input_ids[self.rows, self.positions]
+
+    def __call__(self) -> torch.Tensor:
+        output = self.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
+        logits = output.logits[self.rows, self.positions - 1]
+        return _mean_row_loss(logits, self.labels, self.rows, self.batch.input_ids.shape[0])
+
+
+class _FastLoss(_PlainLoss):
+    """Fast path: input of the edited block captured once, head on target positions only."""
+
+    def __init__(self, model: nn.Module, batch: TokenBatch, stack: BlockStack) -> None:
+        super().__init__(model, batch)
+        self.stack = stack
+        self.args, self.kwargs = self._capture()
+
+    @torch.no_grad()
+    def _capture(self) -> tuple[tuple, dict]:
+        captured = {}
+
+        def grab(_module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, dict(kwargs)
+            raise _Captured
+
+        handle = self.stack.blocks[self.stack.start].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        if "args" not in captured:
+            raise RuntimeError("the edited block was not reached by the forward pass")
+        return captured["args"], captured["kwargs"]
+
+    def __call__(self) -> torch.Tensor:
+        args, kwargs = self.args, dict(self.kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:]
+        for block in self.stack.blocks[self.stack.start :]:
+            out = block(hidden, *rest, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        selected = self.stack.final_norm(hidden[self.rows, self.positions - 1])
+        logits = self.stack.head(selected)
+        return _mean_row_loss(logits, self.labels, self.rows, self.batch.input_ids.shape[0])
+
+
+def optimise_edit(
+    model: nn.Module, layer: MemoirLayer, config: MemoirConfig, batch: TokenBatch, stack: BlockStack | None
+) -> tuple[list[float], torch.Tensor]:
+    """Train W_m on ``batch`` with the edit's mask; returns the losses and the mask bits ``[1, W]``.
+
+    SGD (lr, weight decay), gradient-norm clip, at most ``n_iter`` steps, early stop when the loss
+    changed by at most ``early_stop_delta`` and is at most ``early_stop_loss``.
+    """
+    layer.mode, layer.train_bits = "train", None
+    layer.call = CallContext(window=batch.prompt_window())
+    memory = layer.memory
+    decay = config.weight_decay if config.decay_scope == "all" else 0.0
+    optimizer = torch.optim.SGD([memory], lr=config.lr, weight_decay=decay)
+    compute_loss = _FastLoss(model, batch, stack) if stack is not None else _PlainLoss(model, batch)
+    losses: list[float] = []
+    memory.requires_grad_(True)
+    try:
+        for _ in range(config.n_iter):
+            optimizer.zero_grad(set_to_none=True)
+            loss = compute_loss()
+            value = float(loss.detach())
+            if losses and abs(value - losses[-1]) <= config.early_stop_delta and value <= config.early_stop_loss:
+                losses.append(value)
+                break
+            losses.append(value)
+            loss.backward()
+            _finish_gradient(layer, config)
+            optimizer.step()
+    finally:
+        memory.requires_grad_(False)
+        memory.grad = None
+        layer.mode, layer.call = "route", None
+    return losses, layer.train_bits
+
+
+def _finish_gradient(layer: MemoirLayer, config: MemoirConfig) -> None:
+    memory = layer.memory
+    if config.decay_scope == "masked" and config.weight_decay:
+        from memoir_kernels import unpack_bits
+
+        rows = unpack_bits(layer.train_bits, layer.in_features)[0].to(memory.dtype).unsqueeze(1)
+        memory.grad.add_(memory.detach() * rows, alpha=config.weight_decay)
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_([memory], config.grad_clip)
+
+
+def timed(fn, *args, **kwargs):
+    """``(result, seconds)`` of one call."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start

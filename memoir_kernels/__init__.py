@@ -1,0 +1,29 @@
+"""memoir_kernels: the hot-path ops of MEMOIR editing, with exact PyTorch references.
+
+Importable without CUDA and without transformers. Every op dispatches through one switch,
+``MEMOIR_BACKEND=auto|cuda|triton|torch`` (see :mod:`memoir_kernels.backend`).
+"""
+
+from ._bits import num_words, pack_bits, unpack_bits
+from .backend import available_backends, requested_backend, resolve_backend
+from .down_proj import masked_residual, memoir_down_proj, memoir_down_proj_reference
+from .mask_search import mask_search, mask_search_reference
+from .tophash import prompt_keys, tophash, tophash_from_keys, tophash_reference
+
+__all__ = [
+    "available_backends",
+    "mask_search",
+    "mask_search_reference",
+    "masked_residual",
+    "memoir_down_proj",
+    "memoir_down_proj_reference",
+    "num_words",
+    "pack_bits",
+    "prompt_keys",
+    "requested_backend",
+    "resolve_backend",
+    "tophash",
+    "tophash_from_keys",
+    "tophash_reference",
+    "unpack_bits",
+]

@@ -1,0 +1,66 @@
+"""Loader for the compiled extension ``memoir_kernels._C``.
+
+The extension is optional: a machine without a compiler still runs the PyTorch references. The
+reason an import failed is kept and only shown when a native-only path is explicitly requested,
+or once as a warning when ``auto`` silently falls back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch
+
+__all__ = ["native_available", "native_unavailable_reason", "native_has_cuda"]
+
+_state: dict = {"loaded": None, "reason": None, "warned": False}
+
+
+def _load() -> bool:
+    if _state["loaded"] is None:
+        try:
+            importlib.import_module("memoir_kernels._C")
+            _state["loaded"] = hasattr(torch.ops.memoir, "mask_search")
+            if not _state["loaded"]:
+                _state["reason"] = "memoir_kernels._C imported but registered no memoir::mask_search op"
+        except ImportError as error:  # not built, or built against another torch
+            _state["loaded"] = False
+            _state["reason"] = f"memoir_kernels._C could not be imported ({error})"
+    return _state["loaded"]
+
+
+def native_available(device: torch.device) -> bool:
+    """True when the compiled mask search can run on tensors of ``device``."""
+    if not _load():
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and native_has_cuda()
+
+
+def native_has_cuda() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    return _load() and bool(torch.ops.memoir.has_cuda())
+
+
+def native_unavailable_reason(device: torch.device) -> str:
+    """Why the compiled path cannot run on ``device`` (empty string when it can)."""
+    if not _load():
+        return _state["reason"]
+    if device.type == "cuda" and not native_has_cuda():
+        return "memoir_kernels._C was built without CUDA (no nvcc or torch without CUDA at build time)"
+    if device.type not in ("cpu", "cuda"):
+        return f"no compiled kernel for device type {device.type!r}"
+    return ""
+
+
+def warn_fallback_once(device: torch.device) -> None:
+    """Say once per process why ``auto`` is using a slower path."""
+    if not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn(
+            f"memoir_kernels: using the PyTorch mask search: {native_unavailable_reason(device)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
