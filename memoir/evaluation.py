@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .tokens import batch_prompt_target
+from .training import EditResult
 
 __all__ = ["load_zsre", "edit_records", "background_sentences", "teacher_forced", "evaluate_sequential", "ScoredBatch"]
 
@@ -88,7 +89,7 @@ def _mean(values) -> float:
 
 
 def evaluate_sequential(editor, records: list[dict], background: list[str], progress: bool = True,
-                        checkpoints: tuple[int, ...] = ()) -> dict:
+                        apply_edits: bool = True) -> dict:
     """Fit mu, apply every record as an edit in order, then score all of them.
 
     Returns the report dict: ``rel``, ``gen``, ``loc``, ``avg``, ``pre_rel``, ``pre_gen``,
@@ -105,12 +106,21 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
     pre_gen = teacher_forced(editor, rephrases, targets)
     loc_before = teacher_forced(editor, locs, loc_answers)
 
-    if background and not editor.layer.has_background:
-        editor.fit_background(background[: editor.config.num_background])
-    start = time.perf_counter()
-    results = editor.edit_many([{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)],
-                               progress=progress)
-    edit_seconds = time.perf_counter() - start
+    if apply_edits:
+        if background and not editor.layer.has_background:
+            editor.fit_background(background[: editor.config.num_background])
+        start = time.perf_counter()
+        results = editor.edit_many([{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)],
+                                   progress=progress)
+        edit_seconds = time.perf_counter() - start
+    else:  # a loaded memory holding these edits: score it as it is
+        with editor._layer_mode("off"):
+            pre_rel = teacher_forced(editor, prompts, targets)
+            pre_gen = teacher_forced(editor, rephrases, targets)
+            loc_before = teacher_forced(editor, locs, loc_answers)
+        own = teacher_forced(editor, prompts, targets)
+        results = [EditResult(p, t, [], row) for p, t, row in zip(prompts, targets, own.index, strict=True)]
+        edit_seconds = float("nan")
 
     rel = teacher_forced(editor, prompts, targets)
     gen = teacher_forced(editor, rephrases, targets)
@@ -143,7 +153,28 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
         },
     }
     report["avg"] = (report["rel"] + report["gen"] + report["loc"]) / 3
+    report["_loc_before"] = loc_before.predictions
     return report
+
+
+def sweep_thresholds(editor, records: list[dict], report: dict,
+                     taus: tuple[float, ...] = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)) -> list[dict]:
+    """Rel/Gen/Loc of the same memory for several tau: routing is re-run, edits are not."""
+    layer, original = editor.layer, editor.layer.irr_threshold
+    prompts, targets = [r["src"] for r in records], [r["alt"] for r in records]
+    rephrases = [r["rephrase"] for r in records]
+    locs, loc_answers = [r["loc"] for r in records], [r["loc_ans"] for r in records]
+    rows = []
+    try:
+        for tau in taus:
+            layer.irr_threshold = tau
+            rel = teacher_forced(editor, prompts, targets)
+            gen = teacher_forced(editor, rephrases, targets)
+            loc = _agreement(teacher_forced(editor, locs, loc_answers).predictions, report["_loc_before"])
+            rows.append({"tau": tau, "rel": _mean(rel.accuracy), "gen": _mean(gen.accuracy), "loc": _mean(loc)})
+    finally:
+        layer.irr_threshold = original
+    return rows
 
 
 def _by_quarter(values: list[float]) -> list[float]:

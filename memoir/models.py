@@ -67,14 +67,15 @@ def tiny_model(model_type: str, seed: int = 0, vocab_size: int = 128):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # A wide initialisation gives O(1) activations, so a few SGD steps can memorise a target.
+    common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
     sizes = {
-        "gpt2": dict(n_embd=48, n_layer=4, n_head=4, n_inner=100, n_positions=128),
-        "gptj": dict(n_embd=48, n_layer=4, n_head=4, n_inner=100, n_positions=128, rotary_dim=8),
-        "gpt_neox": dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4, intermediate_size=100,
+        "gpt2": dict(n_embd=48, n_layer=4, n_head=4, n_inner=512, n_positions=128),
+        "gptj": dict(n_embd=48, n_layer=4, n_head=4, n_inner=512, n_positions=128, rotary_dim=8),
+        "gpt_neox": dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
                          max_position_embeddings=128),
     }.get(model_type, dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=100, max_position_embeddings=128))
+                           intermediate_size=512, max_position_embeddings=128))
     config = AutoConfig.for_model(model_type, **common, **sizes)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

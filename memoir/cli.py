@@ -1,0 +1,138 @@
+"""Command line: ``python -m memoir demo`` and ``python -m memoir eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "zsre" / "zsre_dev_2000.json"
+
+
+def _default_data() -> str:
+    for candidate in (DEFAULT_DATA, Path.cwd().parent / "shared/data/zsre/zsre_dev_2000.json",
+                      Path.cwd() / "shared/data/zsre/zsre_dev_2000.json"):
+        if candidate.is_file():
+            return str(candidate)
+    return str(DEFAULT_DATA)
+
+
+def _load_model(name: str):
+    if name != "smollm2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model.eval(), tokenizer
+    from .models import load_smollm2
+
+    return load_smollm2()
+
+
+def _config_from_args(args):
+    from .config import MemoirConfig
+
+    changes = {key: getattr(args, key) for key in ("target_module", "top_k", "irr_threshold", "n_iter", "lr")
+               if getattr(args, key) is not None}
+    if args.no_fast_edit:
+        changes["fast_edit"] = False
+    return MemoirConfig(**changes)
+
+
+def _print_table(report: dict) -> None:
+    rows = [("Rel", report["pre_rel"], report["rel"]), ("Gen", report["pre_gen"], report["gen"]),
+            ("Loc", 1.0, report["loc"])]
+    print(f"\n{'metric':<8}{'before':>8}{'after':>8}")
+    for name, before, after in rows:
+        print(f"{name:<8}{before:>8.3f}{after:>8.3f}")
+    print(f"{'Avg':<8}{'':>8}{report['avg']:>8.3f}")
+    print(f"edits {report['edits']} (skipped {report.get('skipped_empty_target', 0)} with an empty target), "
+          f"{report['sec_per_edit']:.2f} s/edit, overlap edit/rephrase/unrelated "
+          f"{report['overlap_edit']:.2f}/{report['overlap_rephrase']:.2f}/{report['overlap_unrelated']:.2f}")
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .editor import attach
+    from .evaluation import background_sentences, edit_records, evaluate_sequential, load_zsre, sweep_thresholds
+    from .persistence import load
+
+    torch.manual_seed(0)
+    records = load_zsre(args.data)
+    edits, skipped = edit_records(records, args.edits)
+    loc_records = load_zsre(args.loc_data) if args.loc_data else records[1000:2000]
+    model, tokenizer = _load_model(args.model)
+    editor = load(model, tokenizer, args.load_memory) if args.load_memory else attach(model, tokenizer,
+                                                                                       _config_from_args(args))
+    if args.load_memory and args.irr_threshold is not None:
+        editor.layer.irr_threshold = editor.config.irr_threshold = args.irr_threshold
+    report = evaluate_sequential(editor, edits, background_sentences(loc_records, editor.config.num_background),
+                                 progress=not args.quiet, apply_edits=not args.load_memory)
+    report["skipped_empty_target"] = skipped
+    report["config"] = editor.config.to_dict()
+    report["model"] = args.model
+    if args.sweep_threshold:
+        report["threshold_sweep"] = sweep_thresholds(editor, edits, report)
+    if args.save_memory:
+        editor.save(args.save_memory)
+    _print_table(report)
+    if args.sweep_threshold:
+        print("\ntau    Rel    Gen    Loc")
+        for row in report["threshold_sweep"]:
+            print(f"{row['tau']:.2f}  {row['rel']:.3f}  {row['gen']:.3f}  {row['loc']:.3f}")
+    report.pop("_loc_before", None)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.data, args.edits)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m memoir", description="MEMOIR lifelong model editing")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="edit a few ZsRE facts on SmolLM2 and show before/after")
+    demo.add_argument("--data", default=_default_data(), help="ZsRE JSON file")
+    demo.add_argument("--edits", type=int, default=4, help="number of facts to edit")
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="sequential ZsRE evaluation (Rel/Gen/Loc)")
+    ev.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face model directory")
+    ev.add_argument("--data", default=_default_data(), help="ZsRE JSON file; edits are its first T usable records")
+    ev.add_argument("--edits", "-T", type=int, default=100, help="number of sequential edits T")
+    ev.add_argument("--loc-data", default=None, help="records for background sentences (default: records 1000-1999)")
+    ev.add_argument("--out", default=None, help="write the JSON report here")
+    ev.add_argument("--save-memory", default=None, help="save the edited memory to this directory")
+    ev.add_argument("--load-memory", default=None, help="evaluate a saved memory instead of editing")
+    ev.add_argument("--sweep-threshold", action="store_true", help="also report Gen/Loc for a range of tau")
+    ev.add_argument("--no-fast-edit", action="store_true", help="plain recipe (full forward per iteration)")
+    ev.add_argument("--target-module", default=None)
+    ev.add_argument("--top-k", type=int, default=None)
+    ev.add_argument("--irr-threshold", type=float, default=None)
+    ev.add_argument("--n-iter", type=int, default=None)
+    ev.add_argument("--lr", type=float, default=None)
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+import memoir_kernels
+from memoir_kernels import available_backends, resolve_backend
+
+
+def test_public_api_is_pinned():
+    assert sorted(memoir_kernels.__all__) == sorted([
+        "available_backends", "mask_search", "mask_search_reference", "masked_residual", "memoir_down_proj",
+        "memoir_down_proj_reference", "num_words", "pack_bits", "prompt_keys", "requested_backend",
+        "resolve_backend", "tophash", "tophash_from_keys", "tophash_reference", "unpack_bits",
+    ])
+
+
+def test_auto_prefers_native_search_on_cpu(monkeypatch):
+    monkeypatch.setenv("MEMOIR_BACKEND", "auto")
+    assert available_backends("mask_search", "cpu")[0] == "cuda"
+    assert resolve_backend("mask_search", "cpu") == "cuda"
+
+
+def test_torch_backend_forces_reference(monkeypatch):
+    monkeypatch.setenv("MEMOIR_BACKEND", "torch")
+    assert resolve_backend("mask_search", "cpu") == "torch"
+
+
+def test_unknown_backend_raises(monkeypatch):
+    monkeypatch.setenv("MEMOIR_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="MEMOIR_BACKEND"):
+        resolve_backend("mask_search", "cpu")
+
+
+def test_explicit_unavailable_backend_raises_with_reason(monkeypatch):
+    monkeypatch.setenv("MEMOIR_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cannot run mask_search on cuda: .*without CUDA"):
+        resolve_backend("mask_search", "cuda")
+
+
+def test_op_without_such_implementation_uses_its_best(monkeypatch):
+    monkeypatch.setenv("MEMOIR_BACKEND", "cuda")
+    assert resolve_backend("tophash", "cpu") == "torch"
+
+
+def test_import_does_not_pull_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, memoir_kernels; assert 'transformers' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_results_equal_across_backends(monkeypatch):
+    from memoir_kernels import mask_search, pack_bits
+
+    bank = pack_bits(torch.rand(500, 300) < 0.3)
+    query = pack_bits(torch.rand(4, 300) < 0.3)
+    results = {}
+    for name in ("torch", "cuda"):
+        monkeypatch.setenv("MEMOIR_BACKEND", name)
+        results[name] = mask_search(query, bank)
+    assert all(torch.equal(a, b) for a, b in zip(results["torch"], results["cuda"], strict=True))
