@@ -19,7 +19,7 @@ def _oracle(query, bank, dim):
     for q in query:
         best, best_i = -1, -1
         for i, m in enumerate(bank):
-            value = sum(bin((int(a) & int(b)) & 0xFFFFFFFFFFFFFFFF).count("1") for a, b in zip(q, m))
+            value = sum(bin((int(a) & int(b)) & 0xFFFFFFFFFFFFFFFF).count("1") for a, b in zip(q, m, strict=True))
             if value > best:
                 best, best_i = value, i
         out.append((best_i, max(best, 0)))

