@@ -64,7 +64,7 @@ class MemoirLayer(nn.Module):
 
     Modes: ``route`` (inference: route each sequence, the default), ``off`` (original layer),
     ``train`` (one mask for every token, gate on: the editing forward), ``collect`` (record prompt
-    keys, then stop the forward).
+    keys, then stop the forward), ``capture`` (keep the input, return the original output).
     """
 
     def __init__(self, base_layer: nn.Module, top_k: int, irr_threshold: float, key_aggregation: str,
@@ -90,6 +90,7 @@ class MemoirLayer(nn.Module):
         self.call: CallContext | None = None
         self.train_bits: torch.Tensor | None = None  # [1, W] mask of the edit being trained
         self.collected: list[torch.Tensor] = []
+        self.captured_input: torch.Tensor | None = None
         self.last_decision: RouteDecision | None = None
 
     @property
@@ -106,21 +107,24 @@ class MemoirLayer(nn.Module):
         if self.mode == "off":
             return out
         acts = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
+        if self.mode == "capture":
+            self.captured_input = acts.detach()
+            return out
         if self.mode == "collect":
             self.collected.append(prompt_keys(acts, self._window(acts), None))
             raise StopForward
         if self.mode == "train":
-            return out + self._residual(acts, self._train_masks(acts)).view_as(out)
+            return out + self.residual(acts, self._train_masks(acts)).view_as(out)
         if self.num_masks == 0:
             return out
         decision = self._decide(acts)
-        residual = self._residual(acts, unpack_bits(decision.bits, self.in_features)).view_as(out)
+        residual = self.residual(acts, unpack_bits(decision.bits, self.in_features)).view_as(out)
         gate = decision.gate.view(-1, *([1] * (out.dim() - 1))) if x.dim() == 3 else decision.gate
         # where() rather than out + gate * residual: an ungated row stays exactly the base output.
         return torch.where(gate, out + residual, out)
 
     # ----------------------------------------------------------------------------------- helpers
-    def _residual(self, acts: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def residual(self, acts: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """(m ⊙ a) @ W_m in the memory's precision; ``masks`` [B or 1, D] bool, acts [B, T, D]."""
         masked = acts.to(self.memory.dtype) * masks.unsqueeze(1).to(self.memory.dtype)
         return (masked @ self.memory).to(acts.dtype)
@@ -144,11 +148,15 @@ class MemoirLayer(nn.Module):
         """Packed TopHash mask ``[B, W]`` of precomputed keys ``[B, D]``."""
         return tophash_from_keys(key, self.permutation, self.top_k)
 
+    def edit_mask(self, acts: torch.Tensor) -> torch.Tensor:
+        """Packed mask ``[1, W]`` of an edit: TopHash of row 0's prompt tokens (the raw prompt)."""
+        return self.query_bits(acts[:1], self._window(acts)[:1])
+
     def _train_masks(self, acts: torch.Tensor) -> torch.Tensor:
-        # The edit's mask comes from row 0's prompt tokens on the first forward of the edit; the
-        # activations entering this layer do not depend on the memory, so it never changes later.
+        # The edit's mask comes from row 0 on the first forward of the edit; the activations
+        # entering this layer do not depend on the memory, so it never changes later.
         if self.train_bits is None:
-            self.train_bits = self.query_bits(acts[:1], self._window(acts)[:1])
+            self.train_bits = self.edit_mask(acts)
         return unpack_bits(self.train_bits, self.in_features)
 
     def _decide(self, acts: torch.Tensor) -> RouteDecision:

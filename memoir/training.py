@@ -107,40 +107,64 @@ class _PlainLoss:
         return _mean_row_loss(logits, self.labels, self.rows, self.batch.input_ids.shape[0])
 
 
-class _FastLoss(_PlainLoss):
-    """Fast path: input of the edited block captured once, head on target positions only."""
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
 
-    def __init__(self, model: nn.Module, batch: TokenBatch, stack: BlockStack) -> None:
+
+class _FastLoss(_PlainLoss):
+    """Fast path: nothing up to the edited layer is recomputed, head on target positions only.
+
+    One capture pass (memory off) records the edited layer's input ``a`` and the edited block's
+    output. The MLP output is added straight into the residual stream in every supported family, so
+    with the memory the block's output is that capture plus ``(m * a) @ W_m``; each iteration
+    starts from there and runs only the blocks above.
+    """
+
+    def __init__(self, model: nn.Module, batch: TokenBatch, stack: BlockStack, layer: MemoirLayer) -> None:
         super().__init__(model, batch)
-        self.stack = stack
-        self.args, self.kwargs = self._capture()
+        self.stack, self.layer = stack, layer
+        self.args, self.kwargs, self.block_output = self._capture()
+        self.acts = layer.captured_input
+        layer.captured_input = None
+        layer.train_bits = layer.edit_mask(self.acts)
+        from memoir_kernels import unpack_bits
+
+        self.masks = unpack_bits(layer.train_bits, layer.in_features)
 
     @torch.no_grad()
-    def _capture(self) -> tuple[tuple, dict]:
+    def _capture(self) -> tuple[tuple, dict, torch.Tensor]:
         captured = {}
 
-        def grab(_module, args, kwargs):
+        def grab_input(_module, args, kwargs):
             captured["args"], captured["kwargs"] = args, dict(kwargs)
+
+        def grab_output(_module, _args, output):
+            captured["output"] = _first(output)
             raise _Captured
 
-        handle = self.stack.blocks[self.stack.start].register_forward_pre_hook(grab, with_kwargs=True)
+        block = self.stack.blocks[self.stack.start]
+        handles = [block.register_forward_pre_hook(grab_input, with_kwargs=True),
+                   block.register_forward_hook(grab_output)]
+        previous, self.layer.mode = self.layer.mode, "capture"
         try:
             self.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
         except _Captured:
             pass
         finally:
-            handle.remove()
-        if "args" not in captured:
+            self.layer.mode = previous
+            for handle in handles:
+                handle.remove()
+        if "output" not in captured or self.layer.captured_input is None:
             raise RuntimeError("the edited block was not reached by the forward pass")
-        return captured["args"], captured["kwargs"]
+        return captured["args"], captured["kwargs"], captured["output"]
 
     def __call__(self) -> torch.Tensor:
-        args, kwargs = self.args, dict(self.kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = args[1:]
-        for block in self.stack.blocks[self.stack.start :]:
-            out = block(hidden, *rest, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
+        kwargs = dict(self.kwargs)
+        kwargs.pop("hidden_states", None)
+        rest = self.args[1:]
+        hidden = self.block_output + self.layer.residual(self.acts, self.masks)
+        for block in self.stack.blocks[self.stack.start + 1 :]:
+            hidden = _first(block(hidden, *rest, **kwargs))
         selected = self.stack.final_norm(hidden[self.rows, self.positions - 1])
         logits = self.stack.head(selected)
         return _mean_row_loss(logits, self.labels, self.rows, self.batch.input_ids.shape[0])
@@ -154,15 +178,16 @@ def optimise_edit(
     SGD (lr, weight decay), gradient-norm clip, at most ``n_iter`` steps, early stop when the loss
     changed by at most ``early_stop_delta`` and is at most ``early_stop_loss``.
     """
-    layer.mode, layer.train_bits = "train", None
+    layer.train_bits = None
     layer.call = CallContext(window=batch.prompt_window())
     memory = layer.memory
     decay = config.weight_decay if config.decay_scope == "all" else 0.0
     optimizer = torch.optim.SGD([memory], lr=config.lr, weight_decay=decay)
-    compute_loss = _FastLoss(model, batch, stack) if stack is not None else _PlainLoss(model, batch)
     losses: list[float] = []
-    memory.requires_grad_(True)
     try:
+        compute_loss = _FastLoss(model, batch, stack, layer) if stack is not None else _PlainLoss(model, batch)
+        layer.mode = "train"
+        memory.requires_grad_(True)
         for _ in range(config.n_iter):
             optimizer.zero_grad(set_to_none=True)
             loss = compute_loss()

@@ -84,10 +84,11 @@ def test_three_edits_stick_save_load_detach(arch, char_tokenizer, tmp_path):
     assert not model._forward_pre_hooks and not model._forward_hooks
 
 
-def test_plain_and_fast_recipes_give_the_same_losses(char_tokenizer):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_plain_and_fast_recipes_give_the_same_losses(arch, char_tokenizer):
     losses = {}
     for fast in (True, False):
-        model = tiny_model("llama", vocab_size=len(char_tokenizer))
+        model = tiny_model(arch, vocab_size=len(char_tokenizer))
         editor = memoir.attach(model, char_tokenizer, tiny_config(fast_edit=fast, n_iter=10))
         editor.fit_background(UNRELATED)
         losses[fast] = [editor.edit(p, t).losses for p, t in EDITS]
