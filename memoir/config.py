@@ -37,8 +37,10 @@ class MemoirConfig:
         default="mean_decentered", metadata={"help": "How prompt tokens form the key: " + "|".join(KEY_AGGREGATIONS)}
     )
     n_iter: int | None = field(default=None, metadata={"help": "Maximum optimisation steps per edit; None = preset."})
-    lr: float = field(default=1.0, metadata={"help": "SGD learning rate."})
-    weight_decay: float = field(default=1e-5, metadata={"help": "SGD weight decay on the memory."})
+    lr: float | None = field(default=None, metadata={"help": "SGD learning rate; None = preset (reference: 1.0)."})
+    weight_decay: float | None = field(
+        default=None, metadata={"help": "SGD weight decay on the memory; None = preset (reference: 1e-5)."}
+    )
     decay_scope: str = field(
         default="all",
         metadata={"help": "'all' decays the whole memory each step (reference); 'masked' only the edit's columns."},
@@ -71,8 +73,8 @@ class MemoirConfig:
         _check(self.key_aggregation in KEY_AGGREGATIONS, f"key_aggregation must be one of {KEY_AGGREGATIONS}")
         _check(self.n_iter is None or (isinstance(self.n_iter, int) and self.n_iter > 0),
                "n_iter must be a positive int")
-        _check(self.lr > 0, "lr must be positive")
-        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(self.lr is None or self.lr > 0, "lr must be positive")
+        _check(self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0")
         _check(self.decay_scope in DECAY_SCOPES, f"decay_scope must be one of {DECAY_SCOPES}")
         _check(self.grad_clip >= 0, "grad_clip must be >= 0")
         _check(all(n > 0 for n in self.context_lengths), "context_lengths must be positive")
