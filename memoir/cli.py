@@ -60,7 +60,14 @@ def cmd_eval(args) -> int:
     import torch
 
     from .editor import attach
-    from .evaluation import background_sentences, edit_records, evaluate_sequential, load_zsre, sweep_thresholds
+    from .evaluation import (
+        background_sentences,
+        curve_points,
+        edit_records,
+        evaluate_sequential,
+        load_zsre,
+        sweep_thresholds,
+    )
     from .persistence import load
 
     torch.manual_seed(0)
@@ -73,7 +80,8 @@ def cmd_eval(args) -> int:
     if args.load_memory and args.irr_threshold is not None:
         editor.layer.irr_threshold = editor.config.irr_threshold = args.irr_threshold
     report = evaluate_sequential(editor, edits, background_sentences(loc_records, editor.config.num_background),
-                                 progress=not args.quiet, apply_edits=not args.load_memory)
+                                 progress=not args.quiet, apply_edits=not args.load_memory,
+                                 points=curve_points(len(edits), args.curve_points))
     report["skipped_empty_target"] = skipped
     report["config"] = editor.config.to_dict()
     report["model"] = args.model
@@ -118,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-memory", default=None, help="save the edited memory to this directory")
     ev.add_argument("--load-memory", default=None, help="evaluate a saved memory instead of editing")
     ev.add_argument("--sweep-threshold", action="store_true", help="also report Gen/Loc for a range of tau")
+    ev.add_argument("--curve-points", type=int, default=4,
+                    help="score the edits made so far at this many evenly spaced points of the run (0: only at the end)")
     ev.add_argument("--no-fast-edit", action="store_true", help="plain recipe (full forward per iteration)")
     ev.add_argument("--target-module", default=None)
     ev.add_argument("--top-k", type=int, default=None)

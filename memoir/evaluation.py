@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 from .tokens import batch_prompt_target
 from .training import EditResult
 
-__all__ = ["load_zsre", "edit_records", "background_sentences", "teacher_forced", "evaluate_sequential", "ScoredBatch"]
+__all__ = ["load_zsre", "edit_records", "background_sentences", "teacher_forced", "evaluate_sequential", "ScoredBatch",
+           "curve_points"]
 
 
 def load_zsre(path) -> list[dict]:
@@ -88,13 +90,31 @@ def _mean(values) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
+def curve_points(total: int, count: int = 4) -> list[int]:
+    """Edit counts at which to score the edits made so far: ``count`` evenly spaced, ending at ``total``."""
+    if count <= 0 or total <= 0:
+        return []
+    return sorted({max(1, round(total * (i + 1) / count)) for i in range(count)})
+
+
+def _score_prefix(editor, prompts, targets, rephrases, locs, loc_answers, loc_before, count: int) -> dict:
+    """Rel/Gen/Loc of the first ``count`` records, as the memory stands now."""
+    rel = teacher_forced(editor, prompts[:count], targets[:count])
+    gen = teacher_forced(editor, rephrases[:count], targets[:count])
+    loc = _agreement(teacher_forced(editor, locs[:count], loc_answers[:count]).predictions, loc_before[:count])
+    return {"edits": count, "rel": _mean(rel.accuracy), "gen": _mean(gen.accuracy), "loc": _mean(loc)}
+
+
 def evaluate_sequential(editor, records: list[dict], background: list[str], progress: bool = True,
-                        apply_edits: bool = True) -> dict:
+                        apply_edits: bool = True, points: Sequence[int] = ()) -> dict:
     """Fit mu, apply every record as an edit in order, then score all of them.
 
+    ``points`` are edit counts (< len(records)) at which the edits made so far are also scored
+    while the run goes on (Rel/Gen/Loc as edits accumulate, in ``report["curve"]``).
+
     Returns the report dict: ``rel``, ``gen``, ``loc``, ``avg``, ``pre_rel``, ``pre_gen``,
-    ``edits``, ``sec_per_edit``, ``overlap_edit``, ``overlap_rephrase``, ``overlap_unrelated`` and
-    details (per-record scores, routing accuracy, Rel by edit age).
+    ``edits``, ``sec_per_edit``, ``overlap_edit``, ``overlap_rephrase``, ``overlap_unrelated``,
+    ``curve`` and details (per-record scores, routing accuracy, Rel by edit age).
     """
     prompts = [r["src"] for r in records]
     targets = [r["alt"] for r in records]
@@ -109,10 +129,17 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
     if apply_edits:
         if background and not editor.layer.has_background:
             editor.fit_background(background[: editor.config.num_background])
-        start = time.perf_counter()
-        results = editor.edit_many([{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)],
-                                   progress=progress)
-        edit_seconds = time.perf_counter() - start
+        requests = [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
+        stops = sorted({p for p in points if 0 < p < len(records)} | {len(records)})
+        results, curve, edit_seconds, done = [], [], 0.0, 0
+        for stop in stops:
+            start = time.perf_counter()
+            results += editor.edit_many(requests[done:stop], progress=progress)
+            edit_seconds += time.perf_counter() - start
+            done = stop
+            if stop < len(records):
+                curve.append(_score_prefix(editor, prompts, targets, rephrases, locs, loc_answers,
+                                           loc_before.predictions, stop))
     else:  # a loaded memory holding these edits: score it as it is
         with editor._layer_mode("off"):
             pre_rel = teacher_forced(editor, prompts, targets)
@@ -120,7 +147,7 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
             loc_before = teacher_forced(editor, locs, loc_answers)
         own = teacher_forced(editor, prompts, targets)
         results = [EditResult(p, t, [], row) for p, t, row in zip(prompts, targets, own.index, strict=True)]
-        edit_seconds = float("nan")
+        edit_seconds, curve = float("nan"), []
 
     rel = teacher_forced(editor, prompts, targets)
     gen = teacher_forced(editor, rephrases, targets)
@@ -153,6 +180,7 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
         },
     }
     report["avg"] = (report["rel"] + report["gen"] + report["loc"]) / 3
+    report["curve"] = curve + [{key: report[key] for key in ("edits", "rel", "gen", "loc")}]
     report["_loc_before"] = loc_before.predictions
     return report
 
