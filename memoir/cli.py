@@ -1,4 +1,4 @@
-"""Command line: ``python -m memoir demo`` and ``python -m memoir eval``."""
+"""Command line: ``python -m memoir demo``, ``python -m memoir eval`` and ``python -m memoir report``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,22 @@ def cmd_eval(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
+    if args.report:
+        _write_report(report, args.report)
+    return 0
+
+
+def _write_report(report: dict, directory) -> None:
+    from .report import write_report
+
+    for path in write_report(report, directory).values():
+        print(f"wrote {path}")
+
+
+def cmd_report(args) -> int:
+    from .report import load_results
+
+    _write_report(load_results(args.results), args.out)
     return 0
 
 
@@ -123,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--edits", "-T", type=int, default=100, help="number of sequential edits T")
     ev.add_argument("--loc-data", default=None, help="records for background sentences (default: records 1000-1999)")
     ev.add_argument("--out", default=None, help="write the JSON report here")
+    ev.add_argument("--report", default=None, metavar="DIR",
+                    help="also write summary.md, curve.png and overlap_histogram.png to this directory")
     ev.add_argument("--save-memory", default=None, help="save the edited memory to this directory")
     ev.add_argument("--load-memory", default=None, help="evaluate a saved memory instead of editing")
     ev.add_argument("--sweep-threshold", action="store_true", help="also report Gen/Loc for a range of tau")
@@ -136,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lr", type=float, default=None)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
+
+    rep = sub.add_parser("report", help="Markdown summary and plots from an eval JSON file")
+    rep.add_argument("results", help="JSON written by `python -m memoir eval --out`")
+    rep.add_argument("--out", required=True, metavar="DIR", help="directory for summary.md and the PNG plots")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
