@@ -81,7 +81,8 @@ def cmd_eval(args) -> int:
         editor.layer.irr_threshold = editor.config.irr_threshold = args.irr_threshold
     report = evaluate_sequential(editor, edits, background_sentences(loc_records, editor.config.num_background),
                                  progress=not args.quiet, apply_edits=not args.load_memory,
-                                 points=curve_points(len(edits), args.curve_points))
+                                 points=curve_points(len(edits), args.curve_points),
+                                 checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every)
     report["skipped_empty_target"] = skipped
     report["config"] = editor.config.to_dict()
     report["model"] = args.model
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep-threshold", action="store_true", help="also report Gen/Loc for a range of tau")
     ev.add_argument("--curve-points", type=int, default=4,
                     help="score the edits made so far at this many evenly spaced points of the run (0: only at the end)")
+    ev.add_argument("--checkpoint", default=None,
+                    help="checkpoint the edits in this directory; rerunning the same command resumes from it")
+    ev.add_argument("--checkpoint-every", type=int, default=50, help="edits between checkpoints")
     ev.add_argument("--no-fast-edit", action="store_true", help="plain recipe (full forward per iteration)")
     ev.add_argument("--target-module", default=None)
     ev.add_argument("--top-k", type=int, default=None)

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from .architectures import Architecture, architecture_of, get_submodule, resolve_config
+from .checkpoint import resume_stream, write_checkpoint
 from .config import MemoirConfig
 from .layer import MemoirLayer, StopForward
 from .routing import RoutingState
 from .tokens import pad_id_of
-from .training import BlockStack, EditResult, build_edit_batch, generate_context_prefixes, optimise_edit
+from .training import BlockStack, EditResult, build_edit_batch, cached_context_prefixes, optimise_edit
 
-__all__ = ["MemoirEditor", "attach", "validate_request"]
+__all__ = ["MemoirEditor", "attach", "validate_request", "summarise"]
 
 
 def attach(model: nn.Module, tokenizer, config: MemoirConfig | None = None) -> MemoirEditor:
@@ -180,10 +182,14 @@ class MemoirEditor:
             self.model.train(was_training)
 
     def ensure_context_prefixes(self) -> list[str]:
-        """The context prefixes, generated once by the unedited model (greedy, so reproducible)."""
+        """The context prefixes, generated once per model by the unedited model (greedy, so
+        reproducible), cached on disk (``MEMOIR_CACHE``) and saved with the memory."""
         if self.context_prefixes is None:
+            from .persistence import layer_fingerprint
+
             with self._layer_mode("off"), self._frozen_model():
-                self.context_prefixes = generate_context_prefixes(self.model, self.tokenizer, self.config)
+                self.context_prefixes = cached_context_prefixes(self.model, self.tokenizer, self.config,
+                                                                layer_fingerprint(self.layer.base_layer))
         return self.context_prefixes
 
     @torch.no_grad()
@@ -251,32 +257,62 @@ class MemoirEditor:
         return result
 
     def edit_many(self, requests: Iterable[dict], progress: bool = True,
-                  background: Sequence[str] | None = None) -> list[EditResult]:
+                  background: Sequence[str] | None = None, checkpoint_dir=None,
+                  checkpoint_every: int = 100, on_edit: Callable[[int], None] | None = None) -> list[EditResult]:
         """Apply edits one after another (sequential editing), with a progress bar.
 
         Args:
             requests: dicts with ``prompt`` and ``target`` (``target_new`` accepted); an optional
                 ``loc_prompt`` / ``irrelevant`` sentence per request feeds the background mean
                 when none was fitted yet.
-            progress: show a tqdm bar with edits per second.
+            progress: show a tqdm bar (edits per second, last loss, stored masks) and a summary.
             background: irrelevant sentences for the background mean (overrides the requests').
+            checkpoint_dir: save the memory and the stream's progress here every
+                ``checkpoint_every`` edits, at the end, and when the run is interrupted (Ctrl-C or
+                an error). Calling again with the same requests resumes from it: the memory is
+                restored and the requests already done are skipped, so nothing is lost or repeated.
+            checkpoint_every: edits between checkpoints.
+            on_edit: called with the number of requests done after each edit (e.g. to score the
+                memory at points of the run).
+
+        Returns:
+            One :class:`EditResult` per request, those restored from a checkpoint included.
 
         All requests are validated before the first edit, so a bad one changes nothing.
         """
         self._require_attached()
         requests = list(requests)
         pairs = [validate_request(r, i) for i, r in enumerate(requests)]
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        done, results = resume_stream(self, checkpoint_dir, pairs) if checkpoint_dir is not None else (0, [])
         if not self.layer.has_background and self.config.key_aggregation == "mean_decentered":
             texts = list(background) if background is not None else _irrelevant_sentences(requests)
             if texts:
                 self.fit_background(texts[: self.config.num_background])
         from tqdm.auto import tqdm
 
-        results = []
-        bar = tqdm(pairs, desc="MEMOIR edits", unit="edit", disable=not progress)
-        for prompt, target in bar:
-            results.append(self.edit(prompt, target))
-            bar.set_postfix(loss=f"{results[-1].final_loss:.3f}", masks=self.layer.num_masks)
+        bar = tqdm(total=len(pairs), initial=done, desc="MEMOIR edits", unit="edit", disable=not progress)
+        saved_at = done
+        try:
+            for prompt, target in pairs[done:]:
+                results.append(self.edit(prompt, target))
+                done += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{results[-1].final_loss:.3f}", masks=self.layer.num_masks)
+                if checkpoint_dir is not None and done - saved_at >= checkpoint_every:
+                    write_checkpoint(self, checkpoint_dir, pairs, done, results)
+                    saved_at = done
+                if on_edit is not None:
+                    on_edit(done)
+        finally:
+            bar.close()
+            # Also on Ctrl-C or an error: every completed edit is kept (an edit in progress was
+            # rolled back by edit() and is redone on resume).
+            if checkpoint_dir is not None and done > saved_at:
+                write_checkpoint(self, checkpoint_dir, pairs, done, results)
+        if progress:
+            print(summarise(results), file=sys.stderr)
         return results
 
     # ------------------------------------------------------------------------------- inference
@@ -335,3 +371,16 @@ def _irrelevant_sentences(requests: list[dict]) -> list[str]:
         if isinstance(text, str) and text.strip():
             texts.append(text)
     return texts
+
+
+def summarise(results: list[EditResult]) -> str:
+    """One line about a stream of edits: count, new masks, steps, final loss, seconds per edit."""
+    if not results:
+        return "MEMOIR: no edits"
+    count = len(results)
+    new_masks = sum(r.new_mask for r in results)
+    steps = sum(r.iterations for r in results) / count
+    loss = sum(r.final_loss for r in results) / count
+    seconds = sorted(r.seconds for r in results)[count // 2]
+    return (f"MEMOIR: {count} edits, {new_masks} new masks, {steps:.1f} steps and final loss {loss:.4f} on average, "
+            f"median {seconds:.2f} s per edit")

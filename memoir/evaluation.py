@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,11 +105,14 @@ def _score_prefix(editor, prompts, targets, rephrases, locs, loc_answers, loc_be
 
 
 def evaluate_sequential(editor, records: list[dict], background: list[str], progress: bool = True,
-                        apply_edits: bool = True, points: Sequence[int] = ()) -> dict:
+                        apply_edits: bool = True, points: Sequence[int] = (), checkpoint_dir=None,
+                        checkpoint_every: int = 100) -> dict:
     """Fit mu, apply every record as an edit in order, then score all of them.
 
     ``points`` are edit counts (< len(records)) at which the edits made so far are also scored
-    while the run goes on (Rel/Gen/Loc as edits accumulate, in ``report["curve"]``).
+    while the run goes on (Rel/Gen/Loc as edits accumulate, in ``report["curve"]``). With
+    ``checkpoint_dir`` the edits are checkpointed there and a rerun resumes from it (points
+    scored before the interruption are not in the resumed run's curve).
 
     Returns the report dict: ``rel``, ``gen``, ``loc``, ``avg``, ``pre_rel``, ``pre_gen``,
     ``edits``, ``sec_per_edit``, ``overlap_edit``, ``overlap_rephrase``, ``overlap_unrelated``,
@@ -130,16 +132,16 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
         if background and not editor.layer.has_background:
             editor.fit_background(background[: editor.config.num_background])
         requests = [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
-        stops = sorted({p for p in points if 0 < p < len(records)} | {len(records)})
-        results, curve, edit_seconds, done = [], [], 0.0, 0
-        for stop in stops:
-            start = time.perf_counter()
-            results += editor.edit_many(requests[done:stop], progress=progress)
-            edit_seconds += time.perf_counter() - start
-            done = stop
-            if stop < len(records):
+        wanted = {p for p in points if 0 < p < len(records)}
+        curve = []
+
+        def score_point(done: int) -> None:
+            if done in wanted:
                 curve.append(_score_prefix(editor, prompts, targets, rephrases, locs, loc_answers,
-                                           loc_before.predictions, stop))
+                                           loc_before.predictions, done))
+
+        results = editor.edit_many(requests, progress=progress, checkpoint_dir=checkpoint_dir,
+                                   checkpoint_every=checkpoint_every, on_edit=score_point)
     else:  # a loaded memory holding these edits: score it as it is
         with editor._layer_mode("off"):
             pre_rel = teacher_forced(editor, prompts, targets)
@@ -147,7 +149,7 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
             loc_before = teacher_forced(editor, locs, loc_answers)
         own = teacher_forced(editor, prompts, targets)
         results = [EditResult(p, t, [], row) for p, t, row in zip(prompts, targets, own.index, strict=True)]
-        edit_seconds, curve = float("nan"), []
+        curve = []
 
     rel = teacher_forced(editor, prompts, targets)
     gen = teacher_forced(editor, rephrases, targets)
@@ -161,8 +163,9 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
         "loc": _mean(loc_scores),
         "pre_rel": _mean(pre_rel.accuracy),
         "pre_gen": _mean(pre_gen.accuracy),
-        "sec_per_edit": edit_seconds / max(1, len(records)),
-        "median_sec_per_edit": statistics.median(r.seconds for r in results) if results else float("nan"),
+        # Each edit's own time (kept across a resume); NaN for a loaded memory, which made none here.
+        "sec_per_edit": _mean(r.seconds for r in results) if apply_edits else float("nan"),
+        "median_sec_per_edit": statistics.median(r.seconds for r in results) if apply_edits else float("nan"),
         "mean_iterations": _mean(r.iterations for r in results),
         "mean_final_loss": _mean(r.final_loss for r in results),
         "overlap_edit": _mean(rel.overlap),

@@ -6,15 +6,19 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["load_smollm2", "smollm2_cache_dir", "tiny_model", "TINY_ARCHITECTURES"]
+__all__ = ["cache_root", "load_smollm2", "smollm2_cache_dir", "tiny_model", "TINY_ARCHITECTURES"]
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def cache_root() -> Path:
+    """memoir's on-disk cache: ``MEMOIR_CACHE`` or ``~/.cache/memoir``."""
+    return Path(os.environ.get("MEMOIR_CACHE") or Path.home() / ".cache" / "memoir")
+
+
 def smollm2_cache_dir() -> Path:
-    """Where the converted safetensors copy lives (``MEMOIR_CACHE`` or ``~/.cache/memoir``)."""
-    root = os.environ.get("MEMOIR_CACHE") or Path.home() / ".cache" / "memoir"
-    return Path(root) / "smollm2-135m-instruct"
+    """Where the converted safetensors copy of SmolLM2 lives."""
+    return cache_root() / "smollm2-135m-instruct"
 
 
 def _gguf_dir() -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["save_editor", "load", "layer_fingerprint", "MEMORY_FILE", "CONFIG_FILE", "MEMORY_FORMAT_VERSION"]
+__all__ = ["save_editor", "load", "restore_into", "read_metadata", "layer_fingerprint", "MEMORY_FILE", "CONFIG_FILE", "MEMORY_FORMAT_VERSION"]
 
 CONFIG_FILE = "memoir_config.json"
 MEMORY_FILE = "memoir_memory.safetensors"
@@ -36,8 +36,12 @@ def layer_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_editor(editor, path) -> None:
-    """Write the editor's memory to directory ``path`` (created if needed), atomically per file."""
+def save_editor(editor, path, extra_metadata: dict[str, str] | None = None) -> None:
+    """Write the editor's memory to directory ``path`` (created if needed), atomically per file.
+
+    ``extra_metadata`` (str to str) is stored in the memory file's header, in the same atomic write
+    as the tensors (checkpoints keep their progress there).
+    """
     from safetensors.torch import save_file
 
     directory = Path(path)
@@ -56,9 +60,11 @@ def save_editor(editor, path) -> None:
         "has_background": json.dumps(layer.has_background),
         "context_prefixes": json.dumps(editor.context_prefixes),
         "num_edits": str(editor.num_edits),
+        **(extra_metadata or {}),
     }
-    _atomic_write(directory / MEMORY_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    # The config first: the memory file is the last thing written, so its presence means complete.
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(editor.config.to_json() + "\n"))
+    _atomic_write(directory / MEMORY_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _atomic_write(final: Path, write) -> None:
@@ -123,6 +129,34 @@ def _validate(config, metadata: dict, tensors: dict, layer) -> None:
     perm = tensors["permutation"]
     if not torch.equal(torch.sort(perm).values, torch.arange(perm.shape[0])):
         raise ValueError("the stored permutation is not a permutation")
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The header metadata of the memory saved at ``path`` (no tensor is read)."""
+    from safetensors import safe_open
+
+    memory_path = Path(path) / MEMORY_FILE
+    try:
+        with safe_open(str(memory_path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # safetensors raises its own error types for a corrupted header
+        raise ValueError(f"{memory_path} is corrupted or not a safetensors file: {error}") from error
+
+
+def restore_into(editor, path) -> None:
+    """Replace ``editor``'s memory with the one saved at ``path`` (same model, same settings).
+
+    Used to resume an interrupted stream of edits. Raises before changing anything when the
+    file is missing, corrupted, made for another base layer or with other settings.
+    """
+    config, metadata, tensors = _read(Path(path))
+    mine, theirs = editor.config.to_dict(), config.to_dict()
+    differing = sorted(key for key in mine if mine[key] != theirs.get(key))
+    if differing:
+        raise ValueError(f"the memory at {path} was made with other settings ({', '.join(differing)}); "
+                         "attach with the same MemoirConfig to resume from it")
+    _validate(config, metadata, tensors, editor.layer)
+    _restore(editor, metadata, tensors)
 
 
 def load(model: nn.Module, tokenizer, path):

@@ -7,8 +7,12 @@ It computes the same loss as the plain recipe (full forward, full logits) up to 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,7 +22,7 @@ from .config import MemoirConfig
 from .layer import CallContext, MemoirLayer
 from .tokens import TokenBatch, batch_prompt_target
 
-__all__ = ["EditResult", "generate_context_prefixes", "build_edit_batch", "optimise_edit", "BlockStack"]
+__all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "build_edit_batch", "optimise_edit", "BlockStack"]
 
 
 @dataclass
@@ -55,18 +59,56 @@ class BlockStack:
 def generate_context_prefixes(model: nn.Module, tokenizer, config: MemoirConfig) -> list[str]:
     """Greedy continuations of the seed words by the unedited model (caller turns the memory off).
 
-    One sequence per (length, seed), generated alone so no padding can skew it.
+    One sequence per (length, seed), generated alone so no padding can skew it. Greedy decoding
+    under a fixed seed: the same model always gives the same prefixes.
     """
     device = next(model.parameters()).device
     prefixes = []
-    for length in config.context_lengths:
-        for seed in config.context_seeds:
-            encoded = tokenizer(seed, return_tensors="pt").to(device)
-            output = model.generate(
-                **encoded, max_new_tokens=length, do_sample=False, num_beams=1, temperature=None, top_p=None,
-                top_k=None, pad_token_id=_pad_for_generate(tokenizer),
-            )
-            prefixes.append(tokenizer.decode(output[0], skip_special_tokens=True))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        for length in config.context_lengths:
+            for seed in config.context_seeds:
+                encoded = tokenizer(seed, return_tensors="pt").to(device)
+                output = model.generate(
+                    **encoded, max_new_tokens=length, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                    top_k=None, pad_token_id=_pad_for_generate(tokenizer),
+                )
+                prefixes.append(tokenizer.decode(output[0], skip_special_tokens=True))
+    return prefixes
+
+
+def prefix_cache_path(model: nn.Module, tokenizer, config: MemoirConfig, layer_fingerprint: str) -> Path:
+    """Cache file of the context prefixes of this model, tokenizer and seed words.
+
+    Keyed by the model class and config, the edited layer's weights (a fine-tune changes them),
+    the vocabulary size and the prefix settings.
+    """
+    from .models import cache_root
+
+    model_config = getattr(model, "config", None)
+    described = model_config.to_json_string(use_diff=False) if hasattr(model_config, "to_json_string") else ""
+    key = json.dumps([type(model).__name__, described, layer_fingerprint, len(tokenizer),
+                      list(config.context_lengths), list(config.context_seeds), config.seed])
+    return cache_root() / "context_prefixes" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def cached_context_prefixes(model: nn.Module, tokenizer, config: MemoirConfig, layer_fingerprint: str) -> list[str]:
+    """:func:`generate_context_prefixes`, generated once per model and then read from disk."""
+    path = prefix_cache_path(model, tokenizer, config, layer_fingerprint)
+    try:
+        prefixes = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(prefixes, list) and all(isinstance(p, str) for p in prefixes):
+            return prefixes
+    except (OSError, ValueError):
+        pass  # not cached yet, or an unreadable file: generate again
+    prefixes = generate_context_prefixes(model, tokenizer, config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(prefixes), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs a regeneration next time
     return prefixes
 
 

@@ -1,0 +1,124 @@
+"""Fast editing path vs the plain recipe, checkpointed streams, cached context prefixes."""
+
+import pytest
+import torch
+
+import memoir
+from memoir.checkpoint import read_progress
+from memoir.models import TINY_ARCHITECTURES, tiny_model
+
+from .helpers import EDITS, UNRELATED, tiny_config
+
+ARCHS = [pytest.param(a, id=a) for a in TINY_ARCHITECTURES]
+REQUESTS = [{"prompt": p, "target": t} for p, t in EDITS] + [{"prompt": "Carol plays the", "target": "cello"}]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Each test gets its own prefix cache, so none reads what another wrote."""
+    monkeypatch.setenv("MEMOIR_CACHE", str(tmp_path / "cache"))
+
+
+def _edited(arch, tokenizer, fast: bool, n_iter: int = 20):
+    model = tiny_model(arch, vocab_size=len(tokenizer))
+    editor = memoir.attach(model, tokenizer, tiny_config(fast_edit=fast, n_iter=n_iter))
+    editor.fit_background(UNRELATED)
+    results = [editor.edit(p, t) for p, t in EDITS[:2]]
+    return editor, results
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_path_follows_the_plain_recipe(arch, padding_side, char_tokenizer):
+    char_tokenizer.padding_side = padding_side
+    fast, fast_results = _edited(arch, char_tokenizer, fast=True)
+    plain, plain_results = _edited(arch, char_tokenizer, fast=False)
+    assert fast._stack is not None and plain._stack is None
+    for fast_edit, plain_edit in zip(fast_results, plain_results, strict=True):
+        assert fast_edit.iterations == plain_edit.iterations
+        a, b = torch.tensor(fast_edit.losses), torch.tensor(plain_edit.losses)
+        relative = ((a - b).abs() / b.abs().clamp_min(1e-6)).max().item()
+        assert relative <= 1e-4, (fast_edit.losses, plain_edit.losses)
+    assert torch.equal(fast.layer.bank_bits, plain.layer.bank_bits)
+    torch.testing.assert_close(fast.layer.memory, plain.layer.memory, rtol=1e-4, atol=1e-5)
+
+
+def _stream_editor(tokenizer):
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    editor = memoir.attach(model, tokenizer, tiny_config(n_iter=10))
+    editor.fit_background(UNRELATED)
+    return editor
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_interrupted_stream_resumes_to_the_same_memory(char_tokenizer, tmp_path):
+    whole = _stream_editor(char_tokenizer)
+    expected = whole.edit_many(REQUESTS, progress=False)
+
+    def stop_after_two(done):
+        if done == 2:
+            raise _Interrupt
+
+    first = _stream_editor(char_tokenizer)
+    with pytest.raises(_Interrupt):
+        first.edit_many(REQUESTS, progress=False, checkpoint_dir=tmp_path, checkpoint_every=5, on_edit=stop_after_two)
+    assert read_progress(tmp_path)["done"] == 2  # saved on the way out, although no checkpoint was due
+
+    resumed = _stream_editor(char_tokenizer)  # a new process: fresh model, fresh editor
+    done_after_resume = []
+    results = resumed.edit_many(REQUESTS, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1,
+                                on_edit=done_after_resume.append)
+    assert done_after_resume == [3, 4], "only the requests not yet in the checkpoint are edited"
+    assert [r.losses for r in results] == [r.losses for r in expected]
+    assert [r.mask_row for r in results] == [r.mask_row for r in expected]
+    assert torch.equal(resumed.layer.memory, whole.layer.memory)
+    assert torch.equal(resumed.layer.bank_bits, whole.layer.bank_bits)
+    assert resumed.num_edits == whole.num_edits == len(REQUESTS)
+    assert read_progress(tmp_path)["done"] == len(REQUESTS)
+
+    again = _stream_editor(char_tokenizer)  # rerunning a finished stream edits nothing
+    assert len(again.edit_many(REQUESTS, progress=False, checkpoint_dir=tmp_path, on_edit=pytest.fail)) == 4
+    assert torch.equal(again.layer.memory, whole.layer.memory)
+
+
+def test_checkpoint_of_another_stream_is_refused(char_tokenizer, tmp_path):
+    editor = _stream_editor(char_tokenizer)
+    editor.edit_many(REQUESTS[:2], progress=False, checkpoint_dir=tmp_path)
+    other = _stream_editor(char_tokenizer)
+    memory = other.layer.memory.clone()
+    with pytest.raises(ValueError, match="another stream"):
+        other.edit_many(REQUESTS[1:], progress=False, checkpoint_dir=tmp_path)
+    assert torch.equal(other.layer.memory, memory) and other.layer.num_masks == 0
+
+
+def test_checkpoint_with_other_settings_is_refused(char_tokenizer, tmp_path):
+    _stream_editor(char_tokenizer).edit_many(REQUESTS[:1], progress=False, checkpoint_dir=tmp_path)
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    other = memoir.attach(model, char_tokenizer, tiny_config(n_iter=10, top_k=41))
+    with pytest.raises(ValueError, match="top_k"):
+        other.edit_many(REQUESTS, progress=False, checkpoint_dir=tmp_path)
+    assert other.layer.num_masks == 0
+
+
+def test_context_prefixes_are_generated_once_per_model(char_tokenizer, monkeypatch):
+    first = _stream_editor(char_tokenizer)
+    prefixes = first.ensure_context_prefixes()
+    model = first.detach()
+
+    import memoir.training
+
+    def no_generation(*_args, **_kwargs):
+        raise AssertionError("the prefixes should come from the cache")
+
+    monkeypatch.setattr(memoir.training, "generate_context_prefixes", no_generation)
+    second = memoir.attach(model, char_tokenizer, tiny_config(n_iter=10))
+    assert second.ensure_context_prefixes() == prefixes
+    second.detach()
+
+    other_model = tiny_model("llama", seed=1, vocab_size=len(char_tokenizer))
+    third = memoir.attach(other_model, char_tokenizer, tiny_config(n_iter=10))
+    with pytest.raises(AssertionError, match="from the cache"):
+        third.ensure_context_prefixes()  # another model: not served from the first one's cache
