@@ -14,19 +14,25 @@ import torch
 
 __all__ = ["native_available", "native_unavailable_reason", "native_has_cuda"]
 
-_state: dict = {"loaded": None, "reason": None, "warned": False}
+_state: dict = {"loaded": None, "reason": None, "warned": False, "has_cuda": False}
+
+
+def _import_extension() -> None:
+    # Done once, when this module is imported, so that the backend checks below are plain reads of
+    # Python state that torch.compile can trace (it refuses to trace an import).
+    try:
+        importlib.import_module("memoir_kernels._C")
+        _state["loaded"] = hasattr(torch.ops.memoir, "mask_search")
+        if not _state["loaded"]:
+            _state["reason"] = "memoir_kernels._C imported but registered no memoir::mask_search op"
+        else:
+            _state["has_cuda"] = bool(torch.ops.memoir.has_cuda())
+    except ImportError as error:  # not built, or built against another torch
+        _state["loaded"] = False
+        _state["reason"] = f"memoir_kernels._C could not be imported ({error})"
 
 
 def _load() -> bool:
-    if _state["loaded"] is None:
-        try:
-            importlib.import_module("memoir_kernels._C")
-            _state["loaded"] = hasattr(torch.ops.memoir, "mask_search")
-            if not _state["loaded"]:
-                _state["reason"] = "memoir_kernels._C imported but registered no memoir::mask_search op"
-        except ImportError as error:  # not built, or built against another torch
-            _state["loaded"] = False
-            _state["reason"] = f"memoir_kernels._C could not be imported ({error})"
     return _state["loaded"]
 
 
@@ -41,7 +47,7 @@ def native_available(device: torch.device) -> bool:
 
 def native_has_cuda() -> bool:
     """True when the extension was built with its CUDA kernels."""
-    return _load() and bool(torch.ops.memoir.has_cuda())
+    return _load() and _state["has_cuda"]
 
 
 def native_unavailable_reason(device: torch.device) -> str:
@@ -64,3 +70,6 @@ def warn_fallback_once(device: torch.device) -> None:
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+_import_extension()

@@ -90,3 +90,55 @@ def test_equals_faiss_hamming_nearest_neighbour():
     # faiss may return another id at the same distance: compare distances, then our tie rule.
     ref_index, _ = mask_search_reference(query, bank)
     assert torch.equal(got_index, ref_index)
+
+
+def test_native_ties_across_thread_slices_go_to_lowest_index():
+    """Equal best overlaps in different thread slices: the reduction must keep the lower index."""
+    bank = _random_masks(4000, 1536, 439)
+    query = bank[3000:3001].clone()
+    bank[17] = query[0]
+    bank[3999] = query[0]
+    original = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            index, overlap = torch.ops.memoir.mask_search(query, bank)
+            assert index.tolist() == [17] and overlap.tolist() == [439]
+    finally:
+        torch.set_num_threads(original)
+
+
+@pytest.mark.parametrize("batch", [pytest.param(b, id=f"B{b}") for b in (1, 7, 9, 17)])
+def test_native_query_groups_equal_reference(batch):
+    """Batches that are not a multiple of the kernel's query group of 8."""
+    bank, query = _random_masks(700, 14336 // 8, 512), _random_masks(batch, 14336 // 8, 512)
+    got, want = torch.ops.memoir.mask_search(query, bank), mask_search_reference(query, bank)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_native_op_passes_opcheck():
+    """Schema, fake (meta) implementation and autograd registration are consistent."""
+    query, bank = _random_masks(3, 130, 20), _random_masks(50, 130, 20)
+    torch.library.opcheck(torch.ops.memoir.mask_search.default, (query, bank))
+    torch.library.opcheck(torch.ops.memoir.mask_search.default, (query, bank[:0]))
+
+
+def test_mask_search_under_torch_compile():
+    query, bank = _random_masks(2, 200, 30), _random_masks(300, 200, 30)
+    compiled = torch.compile(mask_search, fullgraph=True)
+    got, want = compiled(query, bank), mask_search_reference(query, bank)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_equals_faiss_at_llama_width():
+    """14336-bit masks (LLaMA-3-8B's D) with k = 4096: same overlaps as faiss's Hamming search."""
+    faiss = pytest.importorskip("faiss")
+    dim, k = 14336, 4096
+    bank, query = _random_masks(300, dim, k), _random_masks(3, dim, k)
+    bank[123] = query[1]
+    index = faiss.IndexBinaryFlat(dim)
+    index.add(bank.numpy().view(np.uint8))
+    distances, _ = index.search(query.numpy().view(np.uint8), 1)
+    got_index, got_overlap = torch.ops.memoir.mask_search(query, bank)
+    assert got_overlap.tolist() == [k - int(d) // 2 for d in distances[:, 0]]
+    assert got_index[1].item() == 123
