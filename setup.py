@@ -47,7 +47,7 @@ def _native_extension():
         "memoir_kernels._C",
         cpu_sources + cuda_sources,
         define_macros=[("MEMOIR_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=["-fopenmp"],
     )
 
@@ -61,6 +61,8 @@ setup(
     install_requires=["torch", "safetensors", "tqdm", "pyyaml"],
     extras_require={"hf": ["transformers", "accelerate", "gguf"]},
     ext_modules=[_native_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+    # ninja (when installed) compiles sources in parallel and honours MAX_JOBS; torch falls back to
+    # setuptools' compiler when it is missing.
+    cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["memoir=memoir.cli:main"]},
 )

@@ -5,6 +5,10 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__) || defined(MEMOIR_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -13,6 +17,15 @@ extern "C" {
 // Threads split the bank; num_threads <= 0 lets OpenMP choose.
 void memoir_mask_search_cpu(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
                             int64_t words, int64_t* index, int32_t* overlap, int num_threads);
+
+// CUDA kernel (csrc/mask_search_cuda.cu), one launch on `stream`. `partial` is scratch of partial_blocks * batch uint64 words;
+// take partial_blocks from memoir_mask_search_partial_blocks. Returns the cudaError_t of the launch.
+int memoir_mask_search_partial_blocks(int64_t batch, int64_t num_masks);
+#if defined(__CUDACC__) || defined(MEMOIR_WITH_CUDA)
+int memoir_mask_search_cuda(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
+                            int64_t words, uint64_t* partial, int64_t* index, int32_t* overlap, int partial_blocks,
+                            cudaStream_t stream);
+#endif
 
 #ifdef __cplusplus
 }

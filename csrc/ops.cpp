@@ -4,6 +4,11 @@
 
 #include "mask_search.h"
 
+#ifdef MEMOIR_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
 namespace {
 
 void check_bits(const at::Tensor& bits, const char* name) {
@@ -28,6 +33,34 @@ std::tuple<at::Tensor, at::Tensor> mask_search_cpu(const at::Tensor& query, cons
   return {index, overlap};
 }
 
+#ifdef MEMOIR_WITH_CUDA
+// Same contract on the GPU: one kernel launch on the current stream, no host synchronisation.
+std::tuple<at::Tensor, at::Tensor> mask_search_cuda(const at::Tensor& query, const at::Tensor& bank) {
+  check_bits(query, "query");
+  check_bits(bank, "bank");
+  TORCH_CHECK(query.is_cuda() && bank.is_cuda(), "memoir::mask_search (CUDA): tensors must be on a CUDA device");
+  TORCH_CHECK(query.device() == bank.device(), "memoir::mask_search: query on ", query.device(), ", bank on ",
+              bank.device());
+  TORCH_CHECK(query.size(1) == bank.size(1), "memoir::mask_search: query has ", query.size(1),
+              " words per mask, bank has ", bank.size(1));
+  TORCH_CHECK(bank.size(0) < (int64_t{1} << 32) - 1, "memoir::mask_search (CUDA): at most 2^32 - 2 masks");
+  const c10::cuda::CUDAGuard guard(query.device());
+  const int64_t batch = query.size(0);
+  auto index = at::empty({batch}, query.options().dtype(at::kLong));
+  auto overlap = at::empty({batch}, query.options().dtype(at::kInt));
+  if (batch == 0) return {index, overlap};
+  const int blocks = memoir_mask_search_partial_blocks(batch, bank.size(0));
+  auto partial = at::empty({blocks, batch}, query.options());  // scratch, from the caching allocator
+  const int status = memoir_mask_search_cuda(
+      query.data_ptr<int64_t>(), bank.data_ptr<int64_t>(), batch, bank.size(0), query.size(1),
+      reinterpret_cast<uint64_t*>(partial.data_ptr<int64_t>()), index.data_ptr<int64_t>(),
+      overlap.data_ptr<int32_t>(), blocks, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == 0, "memoir::mask_search (CUDA): launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(status)));
+  return {index, overlap};
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> mask_search_meta(const at::Tensor& query, const at::Tensor& bank) {
   return {at::empty({query.size(0)}, query.options().dtype(at::kLong)),
           at::empty({query.size(0)}, query.options().dtype(at::kInt))};
@@ -49,6 +82,10 @@ TORCH_LIBRARY(memoir, m) {
 }
 
 TORCH_LIBRARY_IMPL(memoir, CPU, m) { m.impl("mask_search", &mask_search_cpu); }
+
+#ifdef MEMOIR_WITH_CUDA
+TORCH_LIBRARY_IMPL(memoir, CUDA, m) { m.impl("mask_search", &mask_search_cuda); }
+#endif
 
 TORCH_LIBRARY_IMPL(memoir, Meta, m) { m.impl("mask_search", &mask_search_meta); }
 
