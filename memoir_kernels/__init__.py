@@ -8,10 +8,11 @@ from ._bits import num_words, pack_bits, unpack_bits
 from .backend import available_backends, requested_backend, resolve_backend
 from .down_proj import masked_residual, memoir_down_proj, memoir_down_proj_reference
 from .mask_search import mask_search, mask_search_reference
-from .tophash import prompt_keys, tophash, tophash_from_keys, tophash_reference
+from .tophash import inverse_permutation, prompt_keys, tophash, tophash_from_keys, tophash_reference
 
 __all__ = [
     "available_backends",
+    "inverse_permutation",
     "mask_search",
     "mask_search_reference",
     "masked_residual",

@@ -14,15 +14,16 @@ import os
 import torch
 
 from ._native import native_available, native_unavailable_reason, warn_fallback_once
+from ._triton import triton_unavailable_reason
 
 __all__ = ["BACKENDS", "requested_backend", "resolve_backend", "available_backends"]
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
-# Implementations each op has, fastest first. Ops gain entries as their kernels land.
+# Implementations each op has, fastest first.
 _OP_IMPLEMENTATIONS = {
     "mask_search": ("cuda", "torch"),
-    "tophash": ("torch",),
-    "memoir_down_proj": ("torch",),
+    "tophash": ("triton", "torch"),
+    "memoir_down_proj": ("triton", "torch"),
 }
 
 
@@ -40,7 +41,7 @@ def _unavailable_reason(op: str, backend: str, device: torch.device) -> str:
     if backend == "cuda":
         return native_unavailable_reason(device)
     if backend == "triton":
-        return "Triton kernels are not built into this version"
+        return triton_unavailable_reason(device)
     return ""
 
 
@@ -62,7 +63,8 @@ def resolve_backend(op: str, device: torch.device | str) -> str:
         if reason:
             raise RuntimeError(f"MEMOIR_BACKEND={wanted} cannot run {op} on {device}: {reason}")
         return wanted
-    choices = available_backends(op, device)
+    # auto (or a kind this op lacks): Triton only on GPUs; on CPU it would mean the interpreter.
+    choices = [b for b in available_backends(op, device) if not (b == "triton" and device.type != "cuda")]
     if "cuda" in _OP_IMPLEMENTATIONS[op] and "cuda" not in choices and not native_available(device):
         warn_fallback_once(device)
     return choices[0]

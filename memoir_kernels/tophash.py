@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ._bits import pack_bits
+from ._bits import num_words, pack_bits
+from ._triton import HAS_TRITON
 from .backend import resolve_backend
 
-__all__ = ["prompt_keys", "tophash", "tophash_from_keys", "tophash_reference"]
+__all__ = ["prompt_keys", "tophash", "tophash_from_keys", "tophash_reference", "inverse_permutation"]
 
 
 def prompt_keys(acts: torch.Tensor, window: torch.Tensor, mu: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +59,12 @@ def tophash_reference(
 
 
 def tophash(
-    acts: torch.Tensor, window: torch.Tensor, mu: torch.Tensor | None, perm: torch.Tensor, k: int
+    acts: torch.Tensor,
+    window: torch.Tensor,
+    mu: torch.Tensor | None,
+    perm: torch.Tensor,
+    k: int,
+    inverse_perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """TopHash masks of a batch of sequences.
 
@@ -68,15 +74,42 @@ def tophash(
         mu: ``[D]`` background mean subtracted from the key, or ``None``.
         perm: ``[D]`` int64 permutation of ``0..D-1``.
         k: number of positions set in every mask.
+        inverse_perm: optional ``[D]`` :func:`inverse_permutation` of ``perm``, so callers that
+            hash often (the edited layer) compute it once; derived from ``perm`` when absent.
 
     Returns:
-        ``[B, ceil(D / 64)]`` int64 packed masks.
+        ``[B, ceil(D / 64)]`` int64 packed masks, bit-identical across backends for the same keys.
+        (The Triton kernel sums the window in its own order, so on arbitrary data its fp32 key may
+        differ from the reference's in the last bit, which can swap two near-equal entries at the
+        top-k boundary; with exactly representable sums the masks are identical.)
 
     Example:
         >>> bits = tophash(acts, attention_mask.bool(), mu, perm, k=439)
     """
-    resolve_backend("tophash", acts.device)  # only the reference exists for this op so far
+    _check_acts(acts, window)
+    if resolve_backend("tophash", acts.device) == "triton":
+        return _tophash_triton(acts, window, mu, perm, k, inverse_perm)
     return tophash_reference(acts, window, mu, perm, k)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv [D]`` with ``inv[perm[i]] = i``: the kernel fills mask position j from key index inv[j]."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.shape[0], device=perm.device, dtype=perm.dtype)
+    return inverse
+
+
+def _tophash_triton(acts, window, mu, perm, k, inverse_perm):
+    batch, _, dim = acts.shape
+    if not 0 < k <= dim:
+        raise ValueError(f"top_k must be in [1, {dim}], got {k}")
+    if perm.shape != (dim,):
+        raise ValueError(f"perm must have shape [{dim}], got {tuple(perm.shape)}")
+    if inverse_perm is None:
+        inverse_perm = inverse_permutation(perm)
+    if mu is not None:
+        mu = mu.to(device=acts.device, dtype=torch.float32).contiguous()
+    return torch.ops.memoir.tophash_triton(acts.contiguous(), window.contiguous(), mu, inverse_perm.contiguous(), k)
 
 
 def _check_acts(acts: torch.Tensor, window: torch.Tensor) -> None:
@@ -86,3 +119,85 @@ def _check_acts(acts: torch.Tensor, window: torch.Tensor) -> None:
         raise ValueError(f"window must be [B, T] = {tuple(acts.shape[:2])}, got {tuple(window.shape)}")
     if window.dtype != torch.bool:
         raise TypeError(f"window must be bool, got {window.dtype}")
+
+
+# --------------------------------------------------------------------------------------- Triton
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def _tophash_kernel(
+        acts_ptr, acts_batch_stride, acts_token_stride,
+        window_ptr, mu_ptr, inv_perm_ptr, scratch_ptr, out_ptr,
+        tokens, dim, words, k,
+        HAS_MU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WORDS: tl.constexpr,
+    ):
+        """key = sum_t w_t a_t / max(sum_t w_t, 1) - mu;  S = top-k |key| (ties: lower index);
+        bits[j // 64] |= [inv_perm[j] in S] << (j % 64).  One program per sequence."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_D)
+        in_dim = offs < dim
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        count = tl.zeros([1], dtype=tl.float32)
+        for t in range(tokens):
+            # Window weights multiply (not skip) the token, as the reference's einsum does.
+            weight = tl.load(window_ptr + row * tokens + t + tl.arange(0, 1)).to(tl.float32)
+            x = tl.load(acts_ptr + row * acts_batch_stride + t * acts_token_stride + offs, mask=in_dim, other=0.0)
+            # Loaded then converted at once: half types are only storage, the arithmetic is fp32.
+            acc += x.to(tl.float32) * weight
+            count += weight
+        key = acc / tl.maximum(count, 1.0)
+        if HAS_MU:
+            key = key - tl.load(mu_ptr + offs, mask=in_dim, other=0.0)
+        # |key| as int32 bits orders like the float (non-negative floats are monotonic in their
+        # bits), so the k-th largest value is found bit by bit: 31 counts over the row, no sort.
+        mag = tl.where(in_dim, tl.abs(key).to(tl.int32, bitcast=True), -1)
+        threshold = 0
+        for i in range(31):
+            candidate = threshold | (1 << (30 - i))
+            above = tl.sum((mag >= candidate).to(tl.int32), axis=0)
+            threshold = tl.where(above >= k, candidate, threshold)
+        # Everything above the threshold is in; of the entries equal to it, the lowest indices up
+        # to k in total. `cut`: entries equal to the threshold with index < cut are selected.
+        need = k - tl.sum((mag > threshold).to(tl.int32), axis=0)
+        equal = mag == threshold
+        rank = tl.cumsum(equal.to(tl.int32), axis=0)
+        cut = tl.min(tl.where(equal & (rank == need), offs, BLOCK_D), axis=0) + 1
+        # Mask position j holds key index inv_perm[j]: gather through a per-row scratch copy (a
+        # register row cannot be indexed), then pack 64 positions per word with disjoint shifts.
+        tl.store(scratch_ptr + row * dim + offs, mag, mask=in_dim)
+        tl.debug_barrier()
+        bit = tl.arange(0, 64)
+        for w0 in range(0, words, BLOCK_WORDS):
+            word = w0 + tl.arange(0, BLOCK_WORDS)
+            position = word[:, None] * 64 + bit[None, :]
+            valid = position < dim
+            source = tl.load(inv_perm_ptr + position, mask=valid, other=0)
+            value = tl.load(scratch_ptr + row * dim + source, mask=valid, other=-1)
+            chosen = valid & ((value > threshold) | ((value == threshold) & (source < cut)))
+            packed = tl.sum(chosen.to(tl.int64) << bit[None, :].to(tl.int64), axis=1)
+            tl.store(out_ptr + row * words + word, packed, mask=word < words)
+
+    @triton_op("memoir::tophash_triton", mutates_args=())
+    def _tophash_triton_op(
+        acts: torch.Tensor, window: torch.Tensor, mu: torch.Tensor | None, inverse_perm: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        batch, tokens, dim = acts.shape
+        words = num_words(dim)
+        out = torch.empty(batch, words, dtype=torch.int64, device=acts.device)
+        scratch = torch.empty(batch, dim, dtype=torch.int32, device=acts.device)
+        block_d = triton.next_power_of_2(dim)
+        wrap_triton(_tophash_kernel)[(batch,)](
+            acts, acts.stride(0), acts.stride(1), window, mu if mu is not None else acts, inverse_perm, scratch, out,
+            tokens, dim, words, k,
+            HAS_MU=mu is not None, BLOCK_D=block_d, BLOCK_WORDS=min(16, triton.next_power_of_2(words)),
+            num_warps=8 if block_d >= 4096 else 4,
+        )
+        return out
+
+    @_tophash_triton_op.register_fake
+    def _(acts, window, mu, inverse_perm, k):
+        # Explicit, rather than traced through the kernel: the interpreter cannot run on fake tensors.
+        return acts.new_empty(acts.shape[0], num_words(acts.shape[2]), dtype=torch.int64)

@@ -7,7 +7,7 @@ from memoir_kernels import available_backends, resolve_backend
 
 def test_public_api_is_pinned():
     assert sorted(memoir_kernels.__all__) == sorted([
-        "available_backends", "mask_search", "mask_search_reference", "masked_residual", "memoir_down_proj",
+        "available_backends", "inverse_permutation", "mask_search", "mask_search_reference", "masked_residual", "memoir_down_proj",
         "memoir_down_proj_reference", "num_words", "pack_bits", "prompt_keys", "requested_backend",
         "resolve_backend", "tophash", "tophash_from_keys", "tophash_reference", "unpack_bits",
     ])
@@ -59,3 +59,9 @@ def test_results_equal_across_backends(monkeypatch):
         monkeypatch.setenv("MEMOIR_BACKEND", name)
         results[name] = mask_search(query, bank)
     assert all(torch.equal(a, b) for a, b in zip(results["torch"], results["cuda"], strict=True))
+
+
+def test_auto_never_picks_the_triton_interpreter_on_cpu(monkeypatch):
+    monkeypatch.setenv("MEMOIR_BACKEND", "auto")
+    assert resolve_backend("tophash", "cpu") == "torch"
+    assert resolve_backend("memoir_down_proj", "cpu") == "torch"

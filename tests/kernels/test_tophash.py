@@ -68,3 +68,74 @@ def test_tophash_equals_reference_chain(dtype):
 def test_bad_k_raises():
     with pytest.raises(ValueError, match="top_k"):
         tophash_from_keys(torch.randn(1, 4), torch.arange(4), 5)
+
+
+# ------------------------------------------------------------------------ Triton kernel (interpreter on CPU)
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture()
+def triton_backend(monkeypatch):
+    from memoir_kernels._triton import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(torch.device(_device()))
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("MEMOIR_BACKEND", "triton")
+
+
+def _exact_inputs(batch, tokens, dim, dtype, device):
+    """Quarter-step activations: every window sum is exact in fp32 whatever the summation order, so
+    the kernel's keys equal the reference's bit for bit and the masks must match exactly. The coarse
+    grid also makes ties in |key| frequent, which exercises the tie rule."""
+    acts = (torch.randint(-8, 8, (batch, tokens, dim)) / 4).to(dtype).to(device)
+    window = torch.rand(batch, tokens) < 0.7
+    window[:, 0] = True
+    mu = (torch.randint(-4, 4, (dim,)) / 8).to(device)
+    return acts, window.to(device), mu, torch.randperm(dim).to(device)
+
+
+TRITON_SHAPES = [
+    pytest.param(1, 1, 1, 1, id="1x1x1"), pytest.param(3, 6, 100, 29, id="3x6x100"),
+    pytest.param(2, 3, 70, 70, id="k=D"), pytest.param(2, 2, 130, 64, id="D130"),
+    pytest.param(1, 4, 1536, 439, id="smollm2"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch,tokens,dim,k", TRITON_SHAPES)
+def test_triton_tophash_equals_reference(triton_backend, dtype, batch, tokens, dim, k):
+    acts, window, mu, perm = _exact_inputs(batch, tokens, dim, dtype, _device())
+    got = tophash(acts, window, mu, perm, k)
+    assert torch.equal(got, tophash_reference(acts, window, mu, perm, k))
+    assert torch.equal(unpack_bits(got, dim).sum(dim=1), torch.full((batch,), k, device=got.device))
+
+
+def test_triton_tophash_without_mu_empty_window_and_given_inverse(triton_backend):
+    from memoir_kernels import inverse_permutation
+
+    acts, window, _, perm = _exact_inputs(3, 5, 200, torch.float32, _device())
+    window[1] = False  # an empty window: zero key, so the tie rule alone picks the mask
+    got = tophash(acts, window, None, perm, 50, inverse_perm=inverse_permutation(perm))
+    assert torch.equal(got, tophash_reference(acts, window, None, perm, 50))
+
+
+def test_triton_tophash_random_floats_keep_k_bits(triton_backend):
+    acts = torch.randn(2, 7, 300, device=_device())
+    window = torch.ones(2, 7, dtype=torch.bool, device=_device())
+    perm = torch.randperm(300, device=_device())
+    got = tophash(acts, window, None, perm, 77)
+    ref = tophash_reference(acts, window, None, perm, 77)
+    overlap = (unpack_bits(got, 300) & unpack_bits(ref, 300)).sum(dim=1)
+    assert (unpack_bits(got, 300).sum(dim=1) == 77).all() and (overlap >= 75).all()
+
+
+def test_triton_tophash_op_passes_opcheck(triton_backend):
+    from memoir_kernels import inverse_permutation
+
+    acts, window, mu, perm = _exact_inputs(2, 3, 70, torch.float32, _device())
+    # The AOT-dispatch check runs the kernel on wrapper tensors, which the interpreter cannot read.
+    utils = None if torch.cuda.is_available() else ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.memoir.tophash_triton.default, (acts, window, mu, inverse_permutation(perm), 20),
+                          test_utils=utils)
