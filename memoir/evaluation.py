@@ -180,6 +180,7 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
             "rel": rel.accuracy, "gen": gen.accuracy, "loc": loc_scores,
             "overlap_edit": rel.overlap, "overlap_rephrase": gen.overlap, "overlap_unrelated": loc_after.overlap,
             "iterations": [r.iterations for r in results], "final_loss": [r.final_loss for r in results],
+            "losses": [r.losses for r in results],
         },
     }
     report["avg"] = (report["rel"] + report["gen"] + report["loc"]) / 3
