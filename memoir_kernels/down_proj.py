@@ -2,6 +2,7 @@
 
 y_t = W0 a_t (+ bias) + gate[r_t] * W_m^T (mask[r_t] * a_t),  r_t = row_of_token[t],
 with W0 ``[d, D]`` (nn.Linear layout) and W_m stored ``[D, d]`` so a selected column is one row.
+Ungated tokens are exactly the base output (``where``, not a multiply by a zero gate).
 """
 
 from __future__ import annotations
@@ -10,28 +11,40 @@ import torch
 import torch.nn.functional as F
 
 from ._bits import unpack_bits
+from ._triton import HAS_TRITON, interpreting
 from .backend import resolve_backend
 
 __all__ = ["memoir_down_proj", "memoir_down_proj_reference", "masked_residual"]
 
+# At most this many tokens: the gather regime (each token reads only its k selected rows of W_m).
+# Above: the dense regime (a tiled matrix product on masked activations), where a W_m tile read
+# once serves many tokens and beats per-token gathers.
+DECODE_MAX_TOKENS = 16
+
 
 def masked_residual(a: torch.Tensor, memory: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
-    """Residual ``(mask * a) @ W_m`` for ``a [T, D]``, ``memory [D, d]``, ``token_masks [T, D]`` bool."""
-    return (a * token_masks.to(a.dtype)) @ memory.to(a.dtype)
+    """Residual ``(mask * a) @ W_m`` for ``a [T, D]``, ``memory [D, d]``, ``token_masks [T, D]`` bool.
+
+    Computed in the memory's dtype and returned in ``a``'s (the editing forward does the same).
+    """
+    return ((a.to(memory.dtype) * token_masks.to(memory.dtype)) @ memory).to(a.dtype)
 
 
 def memoir_down_proj_reference(
     a: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     memory: torch.Tensor,
     row_of_token: torch.Tensor,
     bits: torch.Tensor,
     gate: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-PyTorch edited down projection; same contract as :func:`memoir_down_proj`."""
-    _check_inputs(a, weight, memory, row_of_token, bits, gate)
-    base = F.linear(a, weight, bias)
+    _check_inputs(a, weight, memory, row_of_token, bits, gate, base)
+    if base is None:
+        base = F.linear(a, weight, bias)
     if bits.shape[0] == 0:
         return base
     token_masks = unpack_bits(bits, a.shape[1])[row_of_token]
@@ -42,42 +55,197 @@ def memoir_down_proj_reference(
 
 def memoir_down_proj(
     a: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     memory: torch.Tensor,
     row_of_token: torch.Tensor,
     bits: torch.Tensor,
     gate: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Edited down projection of a flat batch of tokens.
 
     Args:
         a: ``[T, D]`` activations entering the down projection.
-        weight: ``[d, D]`` base weight W0 (``nn.Linear`` layout).
+        weight: ``[d, D]`` base weight W0 (``nn.Linear`` layout); may be ``None`` when ``base`` is given.
         memory: ``[D, d]`` residual memory W_m (transposed layout: column i of W_m is row i here).
         row_of_token: ``[T]`` int64, the sequence (row of ``bits``/``gate``) each token belongs to.
         bits: ``[R, ceil(D / 64)]`` int64 packed masks, one per sequence.
         gate: ``[R]`` bool, whether each sequence uses the memory.
         bias: ``[d]`` or ``None``.
+        base: optional ``[T, d]`` base output already computed (by the original module, so that
+            ungated tokens are that module's output bit for bit); W0 and bias are then not used.
 
     Returns:
-        ``[T, d]`` outputs in ``a``'s dtype.
+        ``[T, d]`` outputs in ``a``'s dtype. The Triton kernel picks its regime from ``T``: up to
+        ``DECODE_MAX_TOKENS`` tokens it reads only the selected rows of ``memory``; above, a tiled
+        product on masked activations.
 
     Example:
         >>> y = memoir_down_proj(a, layer.weight, memory, rows, bits, gate, layer.bias)
     """
-    resolve_backend("memoir_down_proj", a.device)
-    return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias)
+    _check_inputs(a, weight, memory, row_of_token, bits, gate, base)
+    if bits.shape[0] == 0 or a.shape[0] == 0:  # shapes only: no device value is read
+        return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias, base=base)
+    if resolve_backend("memoir_down_proj", a.device) == "triton":
+        return torch.ops.memoir.down_proj_triton(
+            a.contiguous(), None if weight is None else weight.contiguous(), memory.contiguous(), row_of_token.contiguous(),
+            bits.contiguous(), gate.contiguous(), bias, None if base is None else base.contiguous(),
+        )
+    return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias, base=base)
 
 
-def _check_inputs(a, weight, memory, row_of_token, bits, gate) -> None:
+def _check_inputs(a, weight, memory, row_of_token, bits, gate, base) -> None:
     tokens, dim = a.shape
-    hidden = weight.shape[0]
-    if weight.shape != (hidden, dim):
+    hidden = memory.shape[1] if memory.dim() == 2 else -1
+    if weight is None and base is None:
+        raise ValueError("memoir_down_proj needs the base weight or a precomputed base output")
+    if weight is not None and weight.shape != (weight.shape[0], dim):
         raise ValueError(f"weight must be [d, {dim}], got {tuple(weight.shape)}")
+    if weight is not None:
+        hidden = weight.shape[0]
     if memory.shape != (dim, hidden):
         raise ValueError(f"memory must be [{dim}, {hidden}], got {tuple(memory.shape)}")
+    if base is not None and base.shape != (tokens, hidden):
+        raise ValueError(f"base must be [{tokens}, {hidden}], got {tuple(base.shape)}")
     if row_of_token.shape != (tokens,) or row_of_token.dtype != torch.int64:
         raise ValueError(f"row_of_token must be int64 [{tokens}], got {row_of_token.dtype} {tuple(row_of_token.shape)}")
     if bits.dim() != 2 or gate.shape != (bits.shape[0],) or gate.dtype != torch.bool:
         raise ValueError(f"gate must be bool [R] matching bits [R, W]; got {tuple(gate.shape)} and {tuple(bits.shape)}")
+
+
+# --------------------------------------------------------------------------------------- Triton
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def _down_proj_gather_kernel(
+        a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
+        dim, hidden, words,
+        HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y[t, n] = base[t, n] + gate[r] * sum_{i in mask[r]} a[t, i] W_m[i, n].  One token per program
+        row; masked loads skip the rows of W_m outside the mask, so only the k selected rows are read."""
+        t = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = n < hidden
+        row = tl.load(rows_ptr + t)
+        gated = tl.load(gate_ptr + row).to(tl.int1)
+        if HAS_BASE:
+            base = tl.load(base_ptr + t * hidden + n, mask=in_n, other=0.0)
+        else:
+            acc_base = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, dim, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(a_ptr + t * dim + kk, mask=kk < dim, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + n[None, :] * dim + kk[:, None], mask=(kk[:, None] < dim) & in_n[None, :], other=0.0)
+                acc_base += tl.sum(x[:, None] * w.to(tl.float32), axis=0)
+            if HAS_BIAS:
+                acc_base += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)
+            base = acc_base.to(out_ptr.dtype.element_ty)
+        result = base
+        if gated:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, dim, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                in_k = kk < dim
+                word = tl.load(bits_ptr + row * words + kk // 64, mask=in_k, other=0)
+                chosen = in_k & (((word >> (kk % 64).to(tl.int64)) & 1) != 0)
+                x = tl.load(a_ptr + t * dim + kk, mask=chosen, other=0.0).to(tl.float32)
+                m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=chosen[:, None] & in_n[None, :], other=0.0)
+                acc += tl.sum(x[:, None] * m.to(tl.float32), axis=0)
+            if ROUND_RESIDUAL:  # rounded to the activations' dtype before the add, as the reference does
+                acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
+            result = (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + t * hidden + n, result, mask=in_n)
+
+    @triton.jit
+    def _down_proj_dense_kernel(
+        a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
+        tokens, dim, hidden, words,
+        HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Y = base + (G ⊙ M[rows] ⊙ A) W_m, tiled [BLOCK_T, BLOCK_N]: each W_m tile serves BLOCK_T tokens."""
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_t, in_n = t < tokens, n < hidden
+        row = tl.load(rows_ptr + t, mask=in_t, other=0)
+        gated = tl.load(gate_ptr + row, mask=in_t, other=0).to(tl.int1) & in_t
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc_base = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, dim, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            in_k = kk < dim
+            x = tl.load(a_ptr + t[:, None] * dim + kk[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
+            word = tl.load(bits_ptr + row[:, None] * words + (kk // 64)[None, :], mask=gated[:, None] & in_k[None, :],
+                           other=0)
+            chosen = ((word >> (kk % 64).to(tl.int64)[None, :]) & 1) != 0
+            m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)
+            if DOT_FP32:
+                # fp32 activations, or the interpreter (whose half-precision arithmetic is unreliable).
+                xf = x.to(tl.float32)
+                acc += tl.dot(tl.where(chosen, xf, 0.0), m.to(tl.float32), input_precision="ieee")
+                if not HAS_BASE:
+                    w = tl.load(w_ptr + n[None, :] * dim + kk[:, None], mask=in_k[:, None] & in_n[None, :], other=0.0)
+                    acc_base += tl.dot(xf, w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(tl.where(chosen, x, 0.0), m.to(x.dtype))
+                if not HAS_BASE:
+                    w = tl.load(w_ptr + n[None, :] * dim + kk[:, None], mask=in_k[:, None] & in_n[None, :], other=0.0)
+                    acc_base += tl.dot(x, w.to(x.dtype))
+        out_mask = in_t[:, None] & in_n[None, :]
+        if HAS_BASE:
+            base = tl.load(base_ptr + t[:, None] * hidden + n[None, :], mask=out_mask, other=0.0)
+        else:
+            if HAS_BIAS:
+                acc_base += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+            base = acc_base.to(out_ptr.dtype.element_ty)
+        if ROUND_RESIDUAL:
+            acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
+        edited = (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + t[:, None] * hidden + n[None, :], tl.where(gated[:, None], edited, base), mask=out_mask)
+
+    @triton_op("memoir::down_proj_triton", mutates_args=())
+    def _down_proj_triton_op(
+        a: torch.Tensor,
+        weight: torch.Tensor | None,
+        memory: torch.Tensor,
+        row_of_token: torch.Tensor,
+        bits: torch.Tensor,
+        gate: torch.Tensor,
+        bias: torch.Tensor | None,
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        tokens, dim = a.shape
+        hidden = memory.shape[1]
+        small = interpreting()  # small tiles keep the CPU interpreter fast
+        # The interpreter converts fp32 to bf16 by truncation, not rounding: there the kernel writes
+        # fp32 without the intermediate rounding and torch rounds once at the end.
+        emulate = small and a.dtype == torch.bfloat16
+        out = torch.empty(tokens, hidden, dtype=torch.float32 if emulate else a.dtype, device=a.device)
+        dummy = a  # stands in for absent optional pointers; constexpr flags keep it unread
+        args = (a, weight if weight is not None else dummy, memory, row_of_token, bits, gate,
+                bias if bias is not None else dummy, base if base is not None else dummy, out)
+        flags = {"HAS_BASE": base is not None, "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
+        if tokens <= DECODE_MAX_TOKENS:
+            block_n = 32 if small else 64
+            wrap_triton(_down_proj_gather_kernel)[(tokens, triton.cdiv(hidden, block_n))](
+                *args, dim, hidden, bits.shape[1], **flags, BLOCK_N=block_n, BLOCK_K=32 if small else 128,
+            )
+        else:
+            block_t, block_n, block_k = (16, 32, 32) if small else (64, 64, 64)
+            grid = (triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_n))
+            wrap_triton(_down_proj_dense_kernel)[grid](
+                *args, tokens, dim, hidden, bits.shape[1], **flags,
+                DOT_FP32=a.dtype == torch.float32 or small, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+            )
+        return out.to(a.dtype) if emulate else out
+
+    @_down_proj_triton_op.register_fake
+    def _(a, weight, memory, row_of_token, bits, gate, bias, base):
+        return a.new_empty(a.shape[0], memory.shape[1])

@@ -43,3 +43,66 @@ def test_bad_shapes_raise():
     a, weight, memory, rows, masks, gate, bias = _inputs()
     with pytest.raises(ValueError, match="memory"):
         memoir_down_proj(a, weight, memory.T.contiguous(), rows, pack_bits(masks), gate, bias)
+
+
+def test_reference_with_precomputed_base_keeps_ungated_rows_exact():
+    a, weight, memory, rows, masks, gate, bias = _inputs()
+    base = torch.nn.functional.linear(a, weight, bias) + 0.5  # any base: ungated rows must be it, bit for bit
+    y = memoir_down_proj(a, None, memory, rows, pack_bits(masks), gate, base=base)
+    ungated = ~gate[rows]
+    assert torch.equal(y[ungated], base[ungated])
+    expected = memoir_down_proj_reference(a, weight, memory, rows, pack_bits(masks), gate, bias) + 0.5
+    torch.testing.assert_close(y, expected)
+
+
+# ------------------------------------------------------------------------ Triton kernel (interpreter on CPU)
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture()
+def triton_backend(monkeypatch):
+    from memoir_kernels._triton import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(torch.device(_device()))
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("MEMOIR_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["fused-base", "given-base"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [pytest.param(t, id=f"T{t}") for t in (1, 5, 16, 17, 40)])
+def test_triton_matches_reference_error_budget(triton_backend, tokens, dtype, with_base):
+    """Both regimes (gather up to 16 tokens, dense above) against the fp32 reference: the kernel's
+    error is at most about twice the reference's own error in the low-precision dtype."""
+    a, weight, memory, rows, masks, gate, bias = (x.to(_device()) for x in _inputs(tokens=tokens))
+    bits = pack_bits(masks)
+    exact = memoir_down_proj_reference(a, weight, memory, rows, bits, gate, bias)
+    a_l, w_l, b_l = a.to(dtype), weight.to(dtype), bias.to(dtype)
+    base = torch.nn.functional.linear(a_l, w_l, b_l) if with_base else None
+    got = memoir_down_proj(a_l, w_l, memory, rows, bits, gate, b_l, base=base)
+    ref = memoir_down_proj_reference(a_l, w_l, memory, rows, bits, gate, b_l, base=base)
+    assert got.dtype == dtype and got.shape == exact.shape
+    ref_error = (ref.float() - exact).abs().max().item()
+    got_error = (got.float() - exact).abs().max().item()
+    assert got_error <= 2 * ref_error + 1e-4
+    if with_base:
+        ungated = ~gate[rows]
+        assert torch.equal(got[ungated], base[ungated])
+
+
+def test_triton_without_bias_single_row(triton_backend):
+    a, weight, memory, _, masks, _, _ = (x.to(_device()) if torch.is_tensor(x) else x for x in _inputs(tokens=3, rows=1))
+    rows = torch.zeros(3, dtype=torch.int64, device=a.device)
+    gate = torch.ones(1, dtype=torch.bool, device=a.device)
+    got = memoir_down_proj(a, weight, memory, rows, pack_bits(masks), gate)
+    torch.testing.assert_close(got, memoir_down_proj_reference(a, weight, memory, rows, pack_bits(masks), gate),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_triton_op_passes_opcheck(triton_backend):
+    a, weight, memory, rows, masks, gate, bias = (x.to(_device()) for x in _inputs(tokens=2))
+    utils = None if torch.cuda.is_available() else ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.memoir.down_proj_triton.default,
+                          (a, weight, memory, rows, pack_bits(masks), gate, bias, None), test_utils=utils)
