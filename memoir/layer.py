@@ -10,12 +10,22 @@ with W_m stored ``[D, d]`` (a selected column is one contiguous row).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from memoir_kernels import mask_search, num_words, prompt_keys, tophash, tophash_from_keys, unpack_bits
+from memoir_kernels import (
+    inverse_permutation,
+    mask_search,
+    memoir_down_proj,
+    num_words,
+    prompt_keys,
+    tophash,
+    tophash_from_keys,
+    unpack_bits,
+)
 
 __all__ = ["MemoirLayer", "RouteDecision", "CallContext", "layer_dims"]
 
@@ -92,6 +102,7 @@ class MemoirLayer(nn.Module):
         self.collected: list[torch.Tensor] = []
         self.captured_input: torch.Tensor | None = None
         self.last_decision: RouteDecision | None = None
+        self._inverse: tuple[tuple, torch.Tensor] | None = None  # (permutation's identity, its inverse)
 
     @property
     def num_masks(self) -> int:
@@ -115,13 +126,23 @@ class MemoirLayer(nn.Module):
             raise StopForward
         if self.mode == "train":
             return out + self.residual(acts, self._train_masks(acts)).view_as(out)
-        if self.num_masks == 0:
+        if self.num_masks == 0:  # a shape, not a device value: no host sync
             return out
         decision = self._decide(acts)
-        residual = self.residual(acts, unpack_bits(decision.bits, self.in_features)).view_as(out)
-        gate = decision.gate.view(-1, *([1] * (out.dim() - 1))) if x.dim() == 3 else decision.gate
-        # where() rather than out + gate * residual: an ungated row stays exactly the base output.
-        return torch.where(gate, out + residual, out)
+        if self.memory.requires_grad and torch.is_grad_enabled():
+            # Differentiable path (the kernels have no backward): same formula with autograd ops.
+            residual = self.residual(acts, unpack_bits(decision.bits, self.in_features)).view_as(out)
+            gate = decision.gate.view(-1, *([1] * (out.dim() - 1))) if x.dim() == 3 else decision.gate
+            # where() rather than out + gate * residual: an ungated row stays exactly the base output.
+            return torch.where(gate, out + residual, out)
+        # The edited layer's routed forward: tophash + mask_search (in _decide, skipped when a
+        # decision is reused) and one memoir_down_proj that adds the residual to the base output
+        # of gated rows and copies the rest, so ungated rows are the original output bit for bit.
+        edited = memoir_down_proj(
+            acts.reshape(-1, self.in_features), None, self.memory, acts.shape[1], decision.bits, decision.gate,
+            base=out.reshape(-1, self.out_features),
+        )
+        return edited.view_as(out)
 
     # ----------------------------------------------------------------------------------- helpers
     def residual(self, acts: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -142,7 +163,19 @@ class MemoirLayer(nn.Module):
 
     def query_bits(self, acts: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         """TopHash masks ``[B, W]`` of ``acts [B, T, D]`` over ``window [B, T]`` (already aggregated)."""
-        return tophash(acts, window, self._mu(), self.permutation, self.top_k)
+        return tophash(acts, window, self._mu(), self.permutation, self.top_k, inverse_perm=self._inverse_permutation())
+
+    def _inverse_permutation(self) -> torch.Tensor | None:
+        # Cached for the TopHash kernel, keyed on the permutation's identity and version so that a
+        # permutation replaced or copied into (loading a memory) is noticed. Not under torch.compile,
+        # which must not trace the cache: the op derives the inverse itself there.
+        if torch.compiler.is_compiling():
+            return None
+        perm = self.permutation
+        key = (perm.data_ptr(), perm._version, perm.device, perm.shape)
+        if self._inverse is None or self._inverse[0] != key:
+            self._inverse = (key, inverse_permutation(perm))
+        return self._inverse[1]
 
     def mask_from_key(self, key: torch.Tensor) -> torch.Tensor:
         """Packed TopHash mask ``[B, W]`` of precomputed keys ``[B, D]``."""
@@ -165,12 +198,24 @@ class MemoirLayer(nn.Module):
             return call.reuse
         query = self.query_bits(acts, self._window(acts))
         index, overlap = mask_search(query, self.bank_bits)
-        gate = (index >= 0) & (overlap.to(torch.float64) / self.top_k >= self.irr_threshold)
-        decision = RouteDecision(index, overlap, gate, self.bank_bits[index.clamp_min(0)])
+        # overlap / k >= tau as an integer comparison (one small kernel, no float64 on the device);
+        # the bank is not empty here, so every index is >= 0.
+        gate = overlap >= self._min_overlap()
+        decision = RouteDecision(index, overlap, gate, self.bank_bits[index])
         if call is not None:
             call.decision = decision
         self.last_decision = decision
         return decision
+
+    def _min_overlap(self) -> int:
+        """Smallest overlap o with o / k >= tau, in the same float64 arithmetic as that ratio."""
+        k, tau = self.top_k, self.irr_threshold
+        o = min(max(math.ceil(tau * k), 0), k + 1)
+        while o > 0 and (o - 1) / k >= tau:
+            o -= 1
+        while o <= k and o / k < tau:
+            o += 1
+        return o
 
     # -------------------------------------------------------------------------------- bank edits
     def add_mask(self, bits: torch.Tensor) -> tuple[int, bool]:

@@ -34,7 +34,7 @@ def memoir_down_proj_reference(
     a: torch.Tensor,
     weight: torch.Tensor | None,
     memory: torch.Tensor,
-    row_of_token: torch.Tensor,
+    row_of_token: torch.Tensor | int,
     bits: torch.Tensor,
     gate: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -42,6 +42,7 @@ def memoir_down_proj_reference(
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-PyTorch edited down projection; same contract as :func:`memoir_down_proj`."""
+    row_of_token = _rows_tensor(row_of_token, a)
     _check_inputs(a, weight, memory, row_of_token, bits, gate, base)
     if base is None:
         base = F.linear(a, weight, bias)
@@ -57,7 +58,7 @@ def memoir_down_proj(
     a: torch.Tensor,
     weight: torch.Tensor | None,
     memory: torch.Tensor,
-    row_of_token: torch.Tensor,
+    row_of_token: torch.Tensor | int,
     bits: torch.Tensor,
     gate: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -70,7 +71,9 @@ def memoir_down_proj(
         a: ``[T, D]`` activations entering the down projection.
         weight: ``[d, D]`` base weight W0 (``nn.Linear`` layout); may be ``None`` when ``base`` is given.
         memory: ``[D, d]`` residual memory W_m (transposed layout: column i of W_m is row i here).
-        row_of_token: ``[T]`` int64, the sequence (row of ``bits``/``gate``) each token belongs to.
+        row_of_token: ``[T]`` int64, the sequence (row of ``bits``/``gate``) each token belongs to;
+            or an int ``L``: the tokens are ``R`` sequences of ``L`` tokens each, token t in row t // L
+            (the edited layer's case; saves building the index tensor on the device).
         bits: ``[R, ceil(D / 64)]`` int64 packed masks, one per sequence.
         gate: ``[R]`` bool, whether each sequence uses the memory.
         bias: ``[d]`` or ``None``.
@@ -85,15 +88,28 @@ def memoir_down_proj(
     Example:
         >>> y = memoir_down_proj(a, layer.weight, memory, rows, bits, gate, layer.bias)
     """
-    _check_inputs(a, weight, memory, row_of_token, bits, gate, base)
+    per_row = row_of_token if isinstance(row_of_token, int) else 0
+    _check_inputs(a, weight, memory, _rows_tensor(row_of_token, a, check_only=True), bits, gate, base)
     if bits.shape[0] == 0 or a.shape[0] == 0:  # shapes only: no device value is read
         return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias, base=base)
     if resolve_backend("memoir_down_proj", a.device) == "triton":
         return torch.ops.memoir.down_proj_triton(
-            a.contiguous(), None if weight is None else weight.contiguous(), memory.contiguous(), row_of_token.contiguous(),
-            bits.contiguous(), gate.contiguous(), bias, None if base is None else base.contiguous(),
+            a.contiguous(), None if weight is None else weight.contiguous(), memory.contiguous(),
+            None if per_row else row_of_token.contiguous(), per_row, bits.contiguous(), gate.contiguous(), bias,
+            None if base is None else base.contiguous(),
         )
     return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias, base=base)
+
+
+def _rows_tensor(row_of_token, a: torch.Tensor, check_only: bool = False):
+    """``row_of_token`` as a ``[T]`` tensor (from an int: sequences of that many tokens)."""
+    if not isinstance(row_of_token, int):
+        return row_of_token
+    if row_of_token <= 0 or a.shape[0] % row_of_token:
+        raise ValueError(f"{a.shape[0]} tokens are not whole sequences of {row_of_token} tokens")
+    if check_only:  # a stand-in with the right shape and dtype, built without a device launch
+        return torch.empty(a.shape[0], dtype=torch.int64, device="meta")
+    return torch.arange(a.shape[0], device=a.device) // row_of_token
 
 
 def _check_inputs(a, weight, memory, row_of_token, bits, gate, base) -> None:
@@ -124,8 +140,8 @@ if HAS_TRITON:
     @triton.jit
     def _down_proj_gather_kernel(
         a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
-        dim, hidden, words,
-        HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr,
+        per_row, dim, hidden, words,
+        ROWS_BY_DIVISION: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """y[t, n] = base[t, n] + gate[r] * sum_{i in mask[r]} a[t, i] W_m[i, n].  One token per program
@@ -133,7 +149,10 @@ if HAS_TRITON:
         t = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = n < hidden
-        row = tl.load(rows_ptr + t)
+        if ROWS_BY_DIVISION:
+            row = t // per_row
+        else:
+            row = tl.load(rows_ptr + t)
         gated = tl.load(gate_ptr + row).to(tl.int1)
         if HAS_BASE:
             base = tl.load(base_ptr + t * hidden + n, mask=in_n, other=0.0)
@@ -166,15 +185,18 @@ if HAS_TRITON:
     @triton.jit
     def _down_proj_dense_kernel(
         a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
-        tokens, dim, hidden, words,
-        HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr,
+        per_row, tokens, dim, hidden, words,
+        ROWS_BY_DIVISION: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Y = base + (G ⊙ M[rows] ⊙ A) W_m, tiled [BLOCK_T, BLOCK_N]: each W_m tile serves BLOCK_T tokens."""
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_t, in_n = t < tokens, n < hidden
-        row = tl.load(rows_ptr + t, mask=in_t, other=0)
+        if ROWS_BY_DIVISION:
+            row = tl.where(in_t, t // per_row, 0)
+        else:
+            row = tl.load(rows_ptr + t, mask=in_t, other=0)
         gated = tl.load(gate_ptr + row, mask=in_t, other=0).to(tl.int1) & in_t
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         acc_base = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
@@ -215,7 +237,8 @@ if HAS_TRITON:
         a: torch.Tensor,
         weight: torch.Tensor | None,
         memory: torch.Tensor,
-        row_of_token: torch.Tensor,
+        row_of_token: torch.Tensor | None,
+        tokens_per_row: int,
         bits: torch.Tensor,
         gate: torch.Tensor,
         bias: torch.Tensor | None,
@@ -229,9 +252,10 @@ if HAS_TRITON:
         emulate = small and a.dtype == torch.bfloat16
         out = torch.empty(tokens, hidden, dtype=torch.float32 if emulate else a.dtype, device=a.device)
         dummy = a  # stands in for absent optional pointers; constexpr flags keep it unread
-        args = (a, weight if weight is not None else dummy, memory, row_of_token, bits, gate,
-                bias if bias is not None else dummy, base if base is not None else dummy, out)
-        flags = {"HAS_BASE": base is not None, "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
+        args = (a, weight if weight is not None else dummy, memory, row_of_token if row_of_token is not None else dummy,
+                bits, gate, bias if bias is not None else dummy, base if base is not None else dummy, out,
+                tokens_per_row)
+        flags = {"ROWS_BY_DIVISION": row_of_token is None, "HAS_BASE": base is not None, "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
         if tokens <= DECODE_MAX_TOKENS:
             block_n = 32 if small else 64
             wrap_triton(_down_proj_gather_kernel)[(tokens, triton.cdiv(hidden, block_n))](
@@ -247,5 +271,5 @@ if HAS_TRITON:
         return out.to(a.dtype) if emulate else out
 
     @_down_proj_triton_op.register_fake
-    def _(a, weight, memory, row_of_token, bits, gate, bias, base):
+    def _(a, weight, memory, row_of_token, tokens_per_row, bits, gate, bias, base):
         return a.new_empty(a.shape[0], memory.shape[1])

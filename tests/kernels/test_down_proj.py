@@ -105,4 +105,16 @@ def test_triton_op_passes_opcheck(triton_backend):
     a, weight, memory, rows, masks, gate, bias = (x.to(_device()) for x in _inputs(tokens=2))
     utils = None if torch.cuda.is_available() else ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.memoir.down_proj_triton.default,
-                          (a, weight, memory, rows, pack_bits(masks), gate, bias, None), test_utils=utils)
+                          (a, weight, memory, rows, 0, pack_bits(masks), gate, bias, None), test_utils=utils)
+
+
+@pytest.mark.parametrize("tokens_per_row", [1, 4, 9], ids=lambda n: f"L{n}")
+def test_rows_given_as_sequence_length(triton_backend, tokens_per_row):
+    """An int row_of_token L means R sequences of L tokens: token t belongs to row t // L."""
+    a, weight, memory, _, masks, gate, bias = (x.to(_device()) for x in _inputs(tokens=3 * tokens_per_row))
+    rows = torch.arange(3 * tokens_per_row, device=a.device) // tokens_per_row
+    base = torch.nn.functional.linear(a, weight, bias)
+    got = memoir_down_proj(a, None, memory, tokens_per_row, pack_bits(masks), gate, base=base)
+    want = memoir_down_proj_reference(a, None, memory, rows, pack_bits(masks), gate, base=base)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[~gate[rows]], base[~gate[rows]])
