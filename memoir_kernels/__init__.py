@@ -9,6 +9,7 @@ from .backend import available_backends, requested_backend, resolve_backend
 from .down_proj import masked_residual, memoir_down_proj, memoir_down_proj_reference
 from .mask_search import mask_search, mask_search_reference
 from .tophash import inverse_permutation, prompt_keys, tophash, tophash_from_keys, tophash_reference
+from .tophash_residual import tophash_residual, tophash_residual_reference
 
 __all__ = [
     "available_backends",
@@ -26,5 +27,7 @@ __all__ = [
     "tophash",
     "tophash_from_keys",
     "tophash_reference",
+    "tophash_residual",
+    "tophash_residual_reference",
     "unpack_bits",
 ]

@@ -24,6 +24,7 @@ _OP_IMPLEMENTATIONS = {
     "mask_search": ("cuda", "torch"),
     "tophash": ("triton", "torch"),
     "memoir_down_proj": ("triton", "torch"),
+    "tophash_residual": ("triton", "torch"),
 }
 
 
