@@ -1,4 +1,5 @@
-"""mask_search: C++ CPU kernel vs faiss-cpu IndexBinaryFlat vs the PyTorch reference.
+"""mask_search: C++ CPU kernel vs faiss-cpu IndexBinaryFlat vs the PyTorch reference; on GPU the CUDA
+kernel vs the PyTorch reference and as % of the device's measured copy bandwidth.
 
     python -m pytest benchmarks/bench_mask_search.py --benchmark-only --benchmark-json out.json
 
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 from memoir_kernels import mask_search_reference, pack_bits
-from memoir_kernels._native import native_available
+from memoir_kernels._native import native_available, native_has_cuda
 
 DIM, K = 14336, 4096
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 BANKS = [1000, 10000] + ([100000] if os.environ.get("MEMOIR_BENCH_LARGE") else [])
 
 
@@ -32,10 +34,10 @@ def _masks(n: int, seed: int) -> torch.Tensor:
 _cache: dict = {}
 
 
-def _data(n: int, batch: int):
+def _data(n: int, batch: int, device: str = "cpu"):
     if n not in _cache:
         _cache[n] = _masks(n, seed=n)
-    return _masks(batch, seed=7), _cache[n]
+    return _masks(batch, seed=7).to(device), _cache[n].to(device)
 
 
 def _bandwidth(bank: torch.Tensor, seconds: float) -> float:
@@ -72,3 +74,26 @@ def test_torch_reference(benchmark, record, n, batch):
     benchmark.group = f"mask_search cpu N={n} B={batch}"
     benchmark.pedantic(mask_search_reference, args=(query, bank), rounds=3, iterations=1)
     record(bank=n, batch=batch, impl="torch reference", gb_per_s=_bandwidth(bank, benchmark.stats.stats.median))
+
+
+@needs_cuda
+@pytest.mark.skipif(not native_has_cuda(), reason="CUDA kernel not built")
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("n", BANKS + [100000])
+def test_gpu_kernel(benchmark, record, sync, copy_gbps, n, batch):
+    query, bank = _data(n, batch, "cuda")
+    benchmark.group = f"mask_search gpu N={n} B={batch}"
+    benchmark(sync(torch.ops.memoir.mask_search), query, bank)
+    gbps = _bandwidth(bank, benchmark.stats.stats.median)
+    record(bank=n, batch=batch, impl="memoir CUDA", gb_per_s=gbps, pct_of_copy=100 * gbps / copy_gbps)
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 64])
+@pytest.mark.parametrize("n", BANKS + [100000])
+def test_gpu_reference(benchmark, record, sync, copy_gbps, n, batch):
+    query, bank = _data(n, batch, "cuda")
+    benchmark.group = f"mask_search gpu N={n} B={batch}"
+    benchmark(sync(mask_search_reference), query, bank)
+    gbps = _bandwidth(bank, benchmark.stats.stats.median)
+    record(bank=n, batch=batch, impl="torch reference", gb_per_s=gbps, pct_of_copy=100 * gbps / copy_gbps)

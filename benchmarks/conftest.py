@@ -1,10 +1,18 @@
-"""Benchmark helpers: machine description for extra_info."""
+"""Benchmark helpers: machine description for extra_info, device timing, copy bandwidth.
 
+Every benchmark file runs its baseline in the same session and records derived numbers (GB/s,
+% of the device's copy bandwidth) with :func:`record`. On GPU the timed callables synchronise
+(:func:`synced`), so pytest-benchmark's wall clock measures the kernels, not their launch.
+"""
+
+import functools
 import platform
 import subprocess
 
 import pytest
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def machine_info() -> dict:
@@ -20,7 +28,40 @@ def machine_info() -> dict:
     except ImportError:
         triton_version = None
     return {"device": device, "torch": torch.__version__, "triton": triton_version, "git_sha": sha,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cuda": torch.version.cuda}
+
+
+def synced(fn):
+    """``fn`` followed by a device synchronisation when CUDA is in use (no-op on CPU)."""
+    if not torch.cuda.is_available():
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@functools.cache
+def copy_bandwidth_gbps() -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second, GB/s)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB: far above L2
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 20
+    return 2 * src.numel() / seconds / 1e9
 
 
 @pytest.fixture()
@@ -29,6 +70,20 @@ def record(benchmark):
 
     def _record(**values):
         benchmark.extra_info.update(machine_info())
+        if torch.cuda.is_available():
+            benchmark.extra_info["copy_gb_per_s"] = copy_bandwidth_gbps()
         benchmark.extra_info.update(values)
 
     return _record
+
+
+@pytest.fixture()
+def sync():
+    """:func:`synced` as a fixture (benchmark files do not import this conftest)."""
+    return synced
+
+
+@pytest.fixture()
+def copy_gbps():
+    """:func:`copy_bandwidth_gbps` as a fixture (NaN without a GPU)."""
+    return copy_bandwidth_gbps()
