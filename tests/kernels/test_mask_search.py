@@ -142,3 +142,25 @@ def test_equals_faiss_at_llama_width():
     got_index, got_overlap = torch.ops.memoir.mask_search(query, bank)
     assert got_overlap.tolist() == [k - int(d) // 2 for d in distances[:, 0]]
     assert got_index[1].item() == 123
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,dim,k,batch", [
+    pytest.param(0, 130, 20, 3, id="empty"), pytest.param(1, 64, 10, 1, id="1x64"),
+    pytest.param(37, 70, 20, 9, id="37x70-B9"), pytest.param(5000, 130, 7, 64, id="ties-B64"),
+    pytest.param(20000, 14336, 4096, 1, id="20k-llama-B1"), pytest.param(3000, 14336, 4096, 17, id="llama-B17"),
+])
+def test_cuda_kernel_equals_reference(n, dim, k, batch):
+    from memoir_kernels._native import native_has_cuda
+
+    if not native_has_cuda():
+        pytest.fail("memoir_kernels._C was built without its CUDA kernels on a CUDA machine")
+    bank, query = _random_masks(n, dim, k).cuda(), _random_masks(batch, dim, k).cuda()
+    if n > 10:
+        bank[n - 1] = query[0]  # a tie with ...
+        bank[n // 3] = query[0]  # ... a lower index, in another block's share of the bank
+    got = torch.ops.memoir.mask_search(query, bank)
+    want = mask_search_reference(query.cpu(), bank.cpu())
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    again = torch.ops.memoir.mask_search(query, bank)  # the block counter was reset for the next call
+    assert torch.equal(again[0], got[0])
