@@ -92,7 +92,9 @@ def memoir_down_proj(
     _check_inputs(a, weight, memory, _rows_tensor(row_of_token, a, check_only=True), bits, gate, base)
     if bits.shape[0] == 0 or a.shape[0] == 0:  # shapes only: no device value is read
         return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias, base=base)
-    if resolve_backend("memoir_down_proj", a.device) == "triton":
+    # The kernel writes in a's dtype; a base of another dtype keeps its own through the reference.
+    same_dtype = base is None or base.dtype == a.dtype
+    if same_dtype and resolve_backend("memoir_down_proj", a.device) == "triton":
         return torch.ops.memoir.down_proj_triton(
             a.contiguous(), None if weight is None else weight.contiguous(), memory.contiguous(),
             None if per_row else row_of_token.contiguous(), per_row, bits.contiguous(), gate.contiguous(), bias,

@@ -154,7 +154,7 @@ if HAS_TRITON:
         # |key| as int32 bits orders like the float (non-negative floats are monotonic in their
         # bits), so the k-th largest value is found bit by bit: 31 counts over the row, no sort.
         mag = tl.where(in_dim, tl.abs(key).to(tl.int32, bitcast=True), -1)
-        threshold = 0
+        threshold = tl.full([], 0, tl.int32)  # a tensor from the start: loop-carried types must not change
         for i in range(31):
             candidate = threshold | (1 << (30 - i))
             above = tl.sum((mag >= candidate).to(tl.int32), axis=0)

@@ -94,7 +94,7 @@ if HAS_TRITON:
         offs = tl.arange(0, BLOCK_D)
         key = tl.load(key_ptr + offs, mask=offs < dim, other=0.0)
         mag = tl.where(offs < dim, tl.abs(key).to(tl.int32, bitcast=True), -1)
-        threshold = 0
+        threshold = tl.full([], 0, tl.int32)  # a tensor from the start: loop-carried types must not change
         for i in range(31):  # the k-th largest |key| bit by bit, as in the TopHash kernel
             candidate = threshold | (1 << (30 - i))
             threshold = tl.where(tl.sum((mag >= candidate).to(tl.int32), axis=0) >= k, candidate, threshold)
