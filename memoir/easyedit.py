@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,6 @@ class MEMOIRHyperParams:
     dir_to_save_background_features: str | None = None
     weight_decay: float | None = None
     num_background: int = 100
-    extra: dict = field(default_factory=dict, repr=False, compare=False)  # never set by from_hparams
 
     def __post_init__(self) -> None:
         if self.alg_name != "MEMOIR":
@@ -143,7 +142,7 @@ class MEMOIRHyperParams:
             where = "config"
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        known = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"MEMOIRHyperParams ({where}): unknown key(s) {unknown}; known keys: {sorted(known)}")
@@ -157,9 +156,7 @@ class MEMOIRHyperParams:
 
     def to_dict(self) -> dict:
         """The hyper-parameters as a plain dict (the yaml keys)."""
-        data = dataclasses.asdict(self)
-        data.pop("extra")
-        return data
+        return dataclasses.asdict(self)
 
     @property
     def target_module(self) -> str:
@@ -271,7 +268,8 @@ def compute_background_features(model, tok, texts, hparams: MEMOIRHyperParams | 
     """Keys (mean edited-layer input over all tokens) of irrelevant sentences, ``[N, D]`` on CPU.
 
     The rows are what ``dir_background_features`` expects; mu is their mean. Uses the module of
-    ``hparams`` (or the model's preset); the model is left unchanged.
+    ``hparams`` (or the model's preset), or the memory already attached to ``model``; the model is
+    left unchanged.
     """
     texts = list(texts)
     existing = getattr(model, "_memoir_editor", None)
@@ -407,15 +405,25 @@ class MEMOIR:
         if isinstance(existing, MemoirEditor):
             self.editor = existing
             self._check_compatible(config)
+            layer = existing.layer
+            if config.dir_background_features and not layer.has_background and not layer.num_masks:
+                self._load_background(config)
         else:
             self.editor = attach(model, tokenizer, config.to_memoir_config())
             if config.dir_background_features:
-                features = load_background_features(config.dir_background_features, self.editor.layer.in_features)
-                self._set_background(features[: config.num_background])
+                try:
+                    self._load_background(config)
+                except BaseException:
+                    self.editor.detach()  # a bad file leaves the model as it was
+                    raise
         self._saved_features: list[torch.Tensor] = getattr(self.editor, "_easyedit_saved_features", [])
         self.editor._easyedit_saved_features = self._saved_features
 
     # ------------------------------------------------------------------------------ state
+    def _load_background(self, config: MEMOIRHyperParams) -> None:
+        features = load_background_features(config.dir_background_features, self.editor.layer.in_features)
+        self._set_background(features[: config.num_background])
+
     def _set_background(self, features: torch.Tensor) -> None:
         layer = self.editor.layer
         if layer.num_masks:
