@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,10 +14,14 @@ DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def _default_data() -> str:
-    for candidate in (DEFAULT_DATA, Path.cwd().parent / "shared/data/zsre/zsre_dev_2000.json",
-                      Path.cwd() / "shared/data/zsre/zsre_dev_2000.json"):
-        if candidate.is_file():
-            return str(candidate)
+    """``MEMOIR_ZSRE_DATA``, else ``shared/data/zsre/zsre_dev_2000.json`` beside or above the repo or cwd."""
+    if os.environ.get("MEMOIR_ZSRE_DATA"):
+        return os.environ["MEMOIR_ZSRE_DATA"]
+    relative = Path("shared/data/zsre/zsre_dev_2000.json")
+    for start in (Path(__file__).resolve().parent, Path.cwd().resolve()):
+        for directory in (start, *start.parents):
+            if (directory / relative).is_file():
+                return str(directory / relative)
     return str(DEFAULT_DATA)
 
 

@@ -274,13 +274,13 @@ def compute_background_features(model, tok, texts, hparams: MEMOIRHyperParams | 
     texts = list(texts)
     existing = getattr(model, "_memoir_editor", None)
     if isinstance(existing, MemoirEditor):
-        return existing._collect_keys(texts, batch_size).cpu()
+        return existing.collect_keys(texts, batch_size).cpu()
     config = hparams.to_memoir_config() if hparams is not None else None
     editor = attach(model, tok, config)
     try:
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("compute_background_features needs non-empty sentences")
-        return editor._collect_keys(texts, batch_size).cpu()
+        return editor.collect_keys(texts, batch_size).cpu()
     finally:
         editor.detach()
 
@@ -486,7 +486,7 @@ class MEMOIR:
         texts = [r.get("loc_prompt") for r in requests]
         if not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("RUN_SAVE_BACKGROUND_FEATURES needs a non-empty 'loc_prompt' in every request")
-        self._saved_features.append(self.editor._collect_keys(texts, 16).cpu())
+        self._saved_features.append(self.editor.collect_keys(texts, 16).cpu())
         path = Path(self.config.dir_to_save_background_features)
         save_background_features(torch.cat(self._saved_features), path)
         return path

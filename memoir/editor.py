@@ -210,6 +210,17 @@ class MemoirEditor:
         self.layer.has_background = True
         return self.layer.background_mean
 
+    @torch.no_grad()
+    def collect_keys(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """Keys ``[N, D]`` (fp32) of ``texts``: each one's mean activation at the edited layer over all
+        its tokens, without mu. Their mean is the background mean; EasyEdit saves them as features.
+        """
+        self._require_attached()
+        texts = [_check_text(t, "text") for t in texts]
+        if not texts:
+            raise ValueError("collect_keys needs at least one text")
+        return self._collect_keys(texts, batch_size)
+
     def _collect_keys(self, texts: list[str], batch_size: int) -> torch.Tensor:
         from .routing import prompt_window
         from .tokens import batch_prompt_target
