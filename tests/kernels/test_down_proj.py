@@ -3,6 +3,8 @@ import torch
 
 from memoir_kernels import memoir_down_proj, memoir_down_proj_reference, pack_bits
 
+from .helpers import kernel_device as _device
+
 
 def _inputs(tokens=7, dim=70, hidden=33, rows=3, dtype=torch.float32):
     a = torch.randn(tokens, dim, dtype=dtype)
@@ -56,18 +58,6 @@ def test_reference_with_precomputed_base_keeps_ungated_rows_exact():
 
 
 # ------------------------------------------------------------------------ Triton kernel (interpreter on CPU)
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture()
-def triton_backend(monkeypatch):
-    from memoir_kernels._triton import triton_unavailable_reason
-
-    reason = triton_unavailable_reason(torch.device(_device()))
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv("MEMOIR_BACKEND", "triton")
 
 
 @pytest.mark.parametrize("with_base", [False, True], ids=["fused-base", "given-base"])

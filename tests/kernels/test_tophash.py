@@ -3,6 +3,8 @@ import torch
 
 from memoir_kernels import pack_bits, prompt_keys, tophash, tophash_from_keys, tophash_reference, unpack_bits
 
+from .helpers import kernel_device as _device
+
 
 def _expected_mask(keys, perm, k):
     """Independent oracle: rank by (-|key|, index) with Python's sort, then permute."""
@@ -71,18 +73,6 @@ def test_bad_k_raises():
 
 
 # ------------------------------------------------------------------------ Triton kernel (interpreter on CPU)
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture()
-def triton_backend(monkeypatch):
-    from memoir_kernels._triton import triton_unavailable_reason
-
-    reason = triton_unavailable_reason(torch.device(_device()))
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv("MEMOIR_BACKEND", "triton")
 
 
 def _exact_inputs(batch, tokens, dim, dtype, device):

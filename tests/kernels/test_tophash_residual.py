@@ -3,19 +3,7 @@ import torch
 
 from memoir_kernels import masked_residual, tophash_from_keys, tophash_residual, tophash_residual_reference, unpack_bits
 
-
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture()
-def triton_backend(monkeypatch):
-    from memoir_kernels._triton import triton_unavailable_reason
-
-    reason = triton_unavailable_reason(torch.device(_device()))
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setenv("MEMOIR_BACKEND", "triton")
+from .helpers import kernel_device as _device
 
 
 def test_reference_equals_the_separate_ops():
