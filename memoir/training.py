@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,9 +257,3 @@ def _finish_gradient(layer: MemoirLayer, config: MemoirConfig) -> None:
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_([memory], config.grad_clip)
 
-
-def timed(fn, *args, **kwargs):
-    """``(result, seconds)`` of one call."""
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
