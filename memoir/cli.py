@@ -42,7 +42,8 @@ def _load_model(name: str):
 def _config_from_args(args):
     from .config import MemoirConfig
 
-    changes = {key: getattr(args, key) for key in ("target_module", "top_k", "irr_threshold", "n_iter", "lr")
+    changes = {key: getattr(args, key) for key in ("target_module", "top_k", "irr_threshold", "n_iter", "lr",
+                                                     "weight_decay", "decay_scope", "key_aggregation")
                if getattr(args, key) is not None}
     if args.no_fast_edit:
         changes["fast_edit"] = False
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--irr-threshold", type=float, default=None)
     ev.add_argument("--n-iter", type=int, default=None)
     ev.add_argument("--lr", type=float, default=None)
+    ev.add_argument("--weight-decay", type=float, default=None)
+    ev.add_argument("--decay-scope", choices=("all", "masked"), default=None)
+    ev.add_argument("--key-aggregation", choices=("mean_decentered", "mean", "last"), default=None)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 

@@ -126,7 +126,9 @@ class MemoirEditor:
             warnings.warn(f"MEMOIR: no fast editing path for {type(self.model).__name__}; using the plain recipe",
                           stacklevel=3)
             return None
-        return BlockStack(blocks, int(index), norm, head)
+        # The MLP holding the edited projection, relative to its block ("mlp" for "mlp.down_proj").
+        mlp_path = name[len(prefix) + len(index) + 1:].rpartition(".")[0] or None
+        return BlockStack(blocks, int(index), norm, head, mlp_path)
 
     # ------------------------------------------------------------------------------- hooks
     def _before_forward(self, _module, args, kwargs):

@@ -7,6 +7,7 @@ It computes the same loss as the plain recipe (full forward, full logits) up to 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MemoirConfig
+from .head_loss import linear_cross_entropy, row_mean_weights
 from .layer import CallContext, MemoirLayer
 from .tokens import TokenBatch, batch_prompt_target
 
@@ -52,6 +54,7 @@ class BlockStack:
     start: int
     final_norm: nn.Module
     head: nn.Module
+    mlp_path: str | None = None  # the MLP inside each block ("mlp"); None runs blocks unchanged
 
 
 @torch.no_grad()
@@ -171,6 +174,9 @@ class _FastLoss(_PlainLoss):
         from memoir_kernels import unpack_bits
 
         self.masks = unpack_bits(layer.train_bits, layer.in_features)
+        self.needed_tokens, self.loss_tokens = self._token_selection()
+        self.token_weights = row_mean_weights(self.rows, batch.input_ids.shape[0])
+        self.logits_buffer: torch.Tensor | None = None
 
     @torch.no_grad()
     def _capture(self) -> tuple[tuple, dict, torch.Tensor]:
@@ -199,16 +205,69 @@ class _FastLoss(_PlainLoss):
             raise RuntimeError("the edited block was not reached by the forward pass")
         return captured["args"], captured["kwargs"], captured["output"]
 
+    def _token_selection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat ``row * L + position`` indices of the tokens whose MLP output can reach the loss.
+
+        Causal attention never lets a later position or a padded key reach a loss position, so the
+        blocks above need the MLP only up to each row's last loss position (the token before its
+        last target token); the last block needs it only at the loss positions themselves.
+        """
+        width = self.batch.input_ids.shape[1]
+        positions = torch.arange(width, device=self.batch.input_ids.device)
+        needed = (positions[None, :] < self.batch.lengths[:, None] - 1).flatten().nonzero().squeeze(1)
+        return needed, self.rows * width + self.positions - 1
+
     def __call__(self) -> torch.Tensor:
         kwargs = dict(self.kwargs)
         kwargs.pop("hidden_states", None)
         rest = self.args[1:]
         hidden = self.block_output + self.layer.residual(self.acts, self.masks)
-        for block in self.stack.blocks[self.stack.start + 1 :]:
-            hidden = _first(block(hidden, *rest, **kwargs))
+        above = self.stack.blocks[self.stack.start + 1 :]
+        for number, block in enumerate(above):
+            tokens = self.loss_tokens if number == len(above) - 1 else self.needed_tokens
+            with _mlp_on_tokens(block, self.stack.mlp_path, tokens):
+                hidden = _first(block(hidden, *rest, **kwargs))
         selected = self.stack.final_norm(hidden[self.rows, self.positions - 1])
-        logits = self.stack.head(selected)
-        return _mean_row_loss(logits, self.labels, self.rows, self.batch.input_ids.shape[0])
+        if isinstance(self.stack.head, nn.Linear):
+            if self.logits_buffer is None:
+                self.logits_buffer = selected.new_empty((len(self.labels), self.stack.head.weight.shape[0]),
+                                                        dtype=torch.float32)
+            return linear_cross_entropy(selected, self.stack.head, self.labels, self.token_weights, self.logits_buffer)
+        return _mean_row_loss(self.stack.head(selected), self.labels, self.rows, self.batch.input_ids.shape[0])
+
+
+@contextlib.contextmanager
+def _mlp_on_tokens(block: nn.Module, mlp_path: str | None, tokens: torch.Tensor):
+    """Run ``block``'s MLP only on the flat token indices ``tokens``; other positions get zeros.
+
+    The MLP is position-wise and holds about three quarters of a block's matrix work, so skipping
+    padding and tokens that cannot reach the loss is most of what packing rows would save.
+    """
+    if mlp_path is None:
+        yield
+        return
+    mlp = block.get_submodule(mlp_path)
+    shape = {}
+
+    def gather(_module, args):
+        hidden = args[0]
+        shape["full"] = hidden.shape
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens).unsqueeze(0), *args[1:])
+
+    def scatter(_module, _args, output):
+        if not isinstance(output, torch.Tensor):
+            raise RuntimeError(f"MEMOIR fast path: {type(_module).__name__} returned {type(output).__name__}, "
+                               "expected a tensor; edit with fast_edit=False")
+        batch, width, _ = shape["full"]
+        full = output.new_zeros(batch * width, output.shape[-1]).index_copy(0, tokens, output[0])
+        return full.view(batch, width, -1)
+
+    handles = [mlp.register_forward_pre_hook(gather), mlp.register_forward_hook(scatter)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def optimise_edit(

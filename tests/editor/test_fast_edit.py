@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import memoir
+from memoir.architectures import architecture_of
 from memoir.checkpoint import read_progress
 from memoir.models import TINY_ARCHITECTURES, tiny_model
 
@@ -19,21 +20,26 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMOIR_CACHE", str(tmp_path / "cache"))
 
 
-def _edited(arch, tokenizer, fast: bool, n_iter: int = 20):
+def _edited(arch, tokenizer, fast: bool, layer: int, n_iter: int = 20):
     model = tiny_model(arch, vocab_size=len(tokenizer))
-    editor = memoir.attach(model, tokenizer, tiny_config(fast_edit=fast, n_iter=n_iter))
+    paths = architecture_of(model)
+    target = f"{paths.blocks}.{layer}.{paths.mlp_out}"
+    editor = memoir.attach(model, tokenizer, tiny_config(fast_edit=fast, n_iter=n_iter, target_module=target))
     editor.fit_background(UNRELATED)
     results = [editor.edit(p, t) for p, t in EDITS[:2]]
     return editor, results
 
 
+# Layer 1 of 4 leaves a middle block and the last block above the edited one (each runs its MLP
+# on a different token selection); layer 3 is the last block itself.
+@pytest.mark.parametrize("layer", [1, 3], ids=["blocks-above", "last-block"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fast_path_follows_the_plain_recipe(arch, padding_side, char_tokenizer):
+def test_fast_path_follows_the_plain_recipe(arch, padding_side, layer, char_tokenizer):
     char_tokenizer.padding_side = padding_side
-    fast, fast_results = _edited(arch, char_tokenizer, fast=True)
-    plain, plain_results = _edited(arch, char_tokenizer, fast=False)
-    assert fast._stack is not None and plain._stack is None
+    fast, fast_results = _edited(arch, char_tokenizer, fast=True, layer=layer)
+    plain, plain_results = _edited(arch, char_tokenizer, fast=False, layer=layer)
+    assert fast._stack is not None and fast._stack.mlp_path and plain._stack is None
     for fast_edit, plain_edit in zip(fast_results, plain_results, strict=True):
         assert fast_edit.iterations == plain_edit.iterations
         a, b = torch.tensor(fast_edit.losses), torch.tensor(plain_edit.losses)
