@@ -19,7 +19,7 @@ import torch.nn as nn
 from memoir_kernels import (
     inverse_permutation,
     mask_search,
-    memoir_down_proj,
+    memoir_down_proj_routed,
     num_words,
     prompt_keys,
     tophash,
@@ -38,16 +38,30 @@ class StopForward(Exception):
 
 @dataclass
 class RouteDecision:
-    """Per-sequence routing: nearest stored mask, its overlap, the gate, and the mask itself."""
+    """Per-sequence routing: the nearest stored mask and its overlap, as the mask search returns them.
 
-    index: torch.Tensor  # [B] int64, -1 for an empty bank
-    overlap: torch.Tensor  # [B] int32, common active positions with the stored mask
-    gate: torch.Tensor  # [B] bool, overlap / k >= tau
-    bits: torch.Tensor  # [B, W] int64, the stored mask each row uses
+    The gate and the mask itself are derived on demand (``gate``, ``bits``): the routed forward
+    never builds them, its down projection reads ``index`` and ``overlap`` in the kernel.
+    """
+
+    index: torch.Tensor  # [B] int64 row of bank_bits
+    overlap: torch.Tensor  # [B] int32, common active positions with that stored mask
+    min_overlap: int  # the gate: overlap >= min_overlap, i.e. overlap / k >= tau
+    bank_bits: torch.Tensor  # [N, W] int64, the bank searched (N >= 1)
 
     @property
     def batch(self) -> int:
         return self.index.shape[0]
+
+    @property
+    def gate(self) -> torch.Tensor:
+        """``[B]`` bool, overlap / k >= tau (computed on each access: one small launch)."""
+        return self.overlap >= self.min_overlap
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """``[B, W]`` int64, the stored mask each row uses (gathered on each access)."""
+        return self.bank_bits[self.index]
 
 
 @dataclass
@@ -136,11 +150,13 @@ class MemoirLayer(nn.Module):
             # where() rather than out + gate * residual: an ungated row stays exactly the base output.
             return torch.where(gate, out + residual, out)
         # The edited layer's routed forward: tophash + mask_search (in _decide, skipped when a
-        # decision is reused) and one memoir_down_proj that adds the residual to the base output
-        # of gated rows and copies the rest, so ungated rows are the original output bit for bit.
-        edited = memoir_down_proj(
-            acts.reshape(-1, self.in_features), None, self.memory, acts.shape[1], decision.bits, decision.gate,
-            base=out.reshape(-1, self.out_features),
+        # decision is reused) and one down projection that gathers each row's stored mask, compares
+        # its overlap with the threshold, adds the residual to the base output of gated rows and
+        # copies the rest (ungated rows are the original output bit for bit). Three launches on top
+        # of the original module, none reading a device value back.
+        edited = memoir_down_proj_routed(
+            acts.reshape(-1, self.in_features), self.memory, acts.shape[1], decision.bank_bits, decision.index,
+            decision.overlap, decision.min_overlap, base=out.reshape(-1, self.out_features),
         )
         return edited.view_as(out)
 
@@ -198,10 +214,8 @@ class MemoirLayer(nn.Module):
             return call.reuse
         query = self.query_bits(acts, self._window(acts))
         index, overlap = mask_search(query, self.bank_bits)
-        # overlap / k >= tau as an integer comparison (one small kernel, no float64 on the device);
-        # the bank is not empty here, so every index is >= 0.
-        gate = overlap >= self._min_overlap()
-        decision = RouteDecision(index, overlap, gate, self.bank_bits[index])
+        # The gate (overlap / k >= tau) stays an integer threshold for the down projection to apply.
+        decision = RouteDecision(index, overlap, self._min_overlap(), self.bank_bits)
         if call is not None:
             call.decision = decision
         self.last_decision = decision

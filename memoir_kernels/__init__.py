@@ -6,7 +6,13 @@ Importable without CUDA and without transformers. Every op dispatches through on
 
 from ._bits import num_words, pack_bits, unpack_bits
 from .backend import available_backends, requested_backend, resolve_backend
-from .down_proj import masked_residual, memoir_down_proj, memoir_down_proj_reference
+from .down_proj import (
+    masked_residual,
+    memoir_down_proj,
+    memoir_down_proj_reference,
+    memoir_down_proj_routed,
+    memoir_down_proj_routed_reference,
+)
 from .mask_search import mask_search, mask_search_reference
 from .tophash import inverse_permutation, prompt_keys, tophash, tophash_from_keys, tophash_reference
 from .tophash_residual import tophash_residual, tophash_residual_reference
@@ -19,6 +25,8 @@ __all__ = [
     "masked_residual",
     "memoir_down_proj",
     "memoir_down_proj_reference",
+    "memoir_down_proj_routed",
+    "memoir_down_proj_routed_reference",
     "num_words",
     "pack_bits",
     "prompt_keys",

@@ -3,6 +3,10 @@
 y_t = W0 a_t (+ bias) + gate[r_t] * W_m^T (mask[r_t] * a_t),  r_t = row_of_token[t],
 with W0 ``[d, D]`` (nn.Linear layout) and W_m stored ``[D, d]`` so a selected column is one row.
 Ungated tokens are exactly the base output (``where``, not a multiply by a zero gate).
+
+The routed variant takes the mask search's result as it is: mask[r] = bank[index[r]] and
+gate[r] = overlap[r] >= min_overlap are read and compared inside the kernel, so the edited layer's
+routed forward launches nothing between the search and the projection.
 """
 
 from __future__ import annotations
@@ -10,11 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._bits import unpack_bits
+from ._bits import num_words, unpack_bits
 from ._triton import HAS_TRITON, interpreting
 from .backend import resolve_backend
 
-__all__ = ["memoir_down_proj", "memoir_down_proj_reference", "masked_residual"]
+__all__ = [
+    "memoir_down_proj",
+    "memoir_down_proj_reference",
+    "memoir_down_proj_routed",
+    "memoir_down_proj_routed_reference",
+    "masked_residual",
+]
 
 # At most this many tokens: the gather regime (each token reads only its k selected rows of W_m).
 # Above: the dense regime (a tiled matrix product on masked activations), where a W_m tile read
@@ -42,16 +52,15 @@ def memoir_down_proj_reference(
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pure-PyTorch edited down projection; same contract as :func:`memoir_down_proj`."""
-    row_of_token = _rows_tensor(row_of_token, a)
     _check_inputs(a, weight, memory, row_of_token, bits, gate, base)
     if base is None:
         base = F.linear(a, weight, bias)
     if bits.shape[0] == 0:
         return base
-    token_masks = unpack_bits(bits, a.shape[1])[row_of_token]
-    residual = masked_residual(a, memory, token_masks)
+    rows = _rows_tensor(row_of_token, a)
+    residual = masked_residual(a, memory, unpack_bits(bits, a.shape[1])[rows])
     # where() rather than gate * residual: an ungated token must equal the base output exactly.
-    return torch.where(gate[row_of_token].unsqueeze(1), base + residual, base)
+    return torch.where(gate[rows].unsqueeze(1), base + residual, base)
 
 
 def memoir_down_proj(
@@ -88,49 +97,142 @@ def memoir_down_proj(
     Example:
         >>> y = memoir_down_proj(a, layer.weight, memory, rows, bits, gate, layer.bias)
     """
-    per_row = row_of_token if isinstance(row_of_token, int) else 0
-    _check_inputs(a, weight, memory, _rows_tensor(row_of_token, a, check_only=True), bits, gate, base)
-    if bits.shape[0] == 0 or a.shape[0] == 0:  # shapes only: no device value is read
-        return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias, base=base)
-    # The kernel writes in a's dtype; a base of another dtype keeps its own through the reference.
-    same_dtype = base is None or base.dtype == a.dtype
-    if same_dtype and resolve_backend("memoir_down_proj", a.device) == "triton":
+    _check_inputs(a, weight, memory, row_of_token, bits, gate, base)
+    # Decided on shapes only: no device value is read. The kernel writes in a's dtype; a base of
+    # another dtype keeps its own through the reference.
+    if bits.shape[0] and a.shape[0] and (base is None or base.dtype == a.dtype) and _use_triton(a):
+        per_row = 0 if torch.is_tensor(row_of_token) else row_of_token
         return torch.ops.memoir.down_proj_triton(
             a.contiguous(), None if weight is None else weight.contiguous(), memory.contiguous(),
-            None if per_row else row_of_token.contiguous(), per_row, bits.contiguous(), gate.contiguous(), bias,
+            row_of_token.contiguous() if not per_row else None, per_row, bits.contiguous(), gate.contiguous(), bias,
             None if base is None else base.contiguous(),
         )
     return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias, base=base)
 
 
-def _rows_tensor(row_of_token, a: torch.Tensor, check_only: bool = False):
-    """``row_of_token`` as a ``[T]`` tensor (from an int: sequences of that many tokens)."""
-    if not isinstance(row_of_token, int):
+def memoir_down_proj_routed_reference(
+    a: torch.Tensor,
+    memory: torch.Tensor,
+    row_of_token: torch.Tensor | int,
+    bank_bits: torch.Tensor,
+    index: torch.Tensor,
+    overlap: torch.Tensor,
+    min_overlap: int,
+    *,
+    base: torch.Tensor,
+) -> torch.Tensor:
+    """Pure-PyTorch routed down projection; same contract as :func:`memoir_down_proj_routed`."""
+    _check_routed_inputs(a, memory, row_of_token, bank_bits, index, overlap, base)
+    if bank_bits.shape[0] == 0:  # nothing stored: no row is gated (and index holds -1)
+        return base
+    return memoir_down_proj_reference(a, None, memory, row_of_token, bank_bits[index], overlap >= min_overlap,
+                                      base=base)
+
+
+def memoir_down_proj_routed(
+    a: torch.Tensor,
+    memory: torch.Tensor,
+    row_of_token: torch.Tensor | int,
+    bank_bits: torch.Tensor,
+    index: torch.Tensor,
+    overlap: torch.Tensor,
+    min_overlap: int,
+    *,
+    base: torch.Tensor,
+) -> torch.Tensor:
+    """Edited down projection of routed sequences: the mask search's result goes in as it is.
+
+    ``memoir_down_proj(a, None, memory, row_of_token, bank_bits[index], overlap >= min_overlap,
+    base=base)`` with the gather and the comparison done inside the kernel: the edited layer's
+    routed forward is then three launches (TopHash, mask search, this), none reading back.
+
+    Args:
+        a: ``[T, D]`` activations entering the down projection.
+        memory: ``[D, d]`` residual memory W_m (transposed layout, as in :func:`memoir_down_proj`).
+        row_of_token: ``[T]`` int64 sequence of each token, or an int ``L``: ``R`` sequences of
+            ``L`` tokens each (token t in sequence t // L).
+        bank_bits: ``[N, ceil(D / 64)]`` int64 stored masks (``N`` may be 0: nothing is gated).
+        index: ``[R]`` int64 stored mask of each sequence (:func:`mask_search`'s index).
+        overlap: ``[R]`` int32 common positions with that mask (:func:`mask_search`'s overlap).
+        min_overlap: the gate: sequence r uses the memory iff ``overlap[r] >= min_overlap``.
+        base: ``[T, d]`` base output of the original module; ungated tokens are it bit for bit.
+
+    Returns:
+        ``[T, d]`` outputs in ``a``'s dtype (``base`` itself when the bank is empty). The Triton
+        kernel picks its regime from ``T`` as :func:`memoir_down_proj` does.
+
+    Example:
+        >>> index, overlap = mask_search(query_bits, bank_bits)
+        >>> y = memoir_down_proj_routed(a, memory, seq_len, bank_bits, index, overlap, 220, base=layer(a))
+    """
+    _check_routed_inputs(a, memory, row_of_token, bank_bits, index, overlap, base)
+    # Decided on shapes only: no device value is read. The kernel writes in a's dtype; a base of
+    # another dtype keeps its own through the reference.
+    if bank_bits.shape[0] and a.shape[0] and base.dtype == a.dtype and _use_triton(a):
+        per_row = 0 if torch.is_tensor(row_of_token) else row_of_token
+        return torch.ops.memoir.down_proj_routed_triton(
+            a.contiguous(), memory.contiguous(), row_of_token.contiguous() if not per_row else None, per_row,
+            bank_bits.contiguous(), index.contiguous(), overlap.contiguous(), min_overlap, base.contiguous(),
+        )
+    return memoir_down_proj_routed_reference(a, memory, row_of_token, bank_bits, index, overlap, min_overlap,
+                                             base=base)
+
+
+def _use_triton(a: torch.Tensor) -> bool:
+    return resolve_backend("memoir_down_proj", a.device) == "triton"
+
+
+def _rows_tensor(row_of_token, a: torch.Tensor) -> torch.Tensor:
+    """``row_of_token`` as a ``[T]`` tensor (from a length L: sequences of L tokens)."""
+    if torch.is_tensor(row_of_token):
         return row_of_token
-    if row_of_token <= 0 or a.shape[0] % row_of_token:
-        raise ValueError(f"{a.shape[0]} tokens are not whole sequences of {row_of_token} tokens")
-    if check_only:  # a stand-in with the right shape and dtype, built without a device launch
-        return torch.empty(a.shape[0], dtype=torch.int64, device="meta")
     return torch.arange(a.shape[0], device=a.device) // row_of_token
 
 
-def _check_inputs(a, weight, memory, row_of_token, bits, gate, base) -> None:
+def _check_rows(row_of_token, tokens: int, rows: int) -> None:
+    """A ``[T]`` int64 row index, or a length L with ``T = rows * L`` (shapes only, nothing built)."""
+    if torch.is_tensor(row_of_token):
+        if row_of_token.shape != (tokens,) or row_of_token.dtype != torch.int64:
+            raise ValueError(f"row_of_token must be int64 [{tokens}], got {row_of_token.dtype} "
+                             f"{tuple(row_of_token.shape)}")
+    elif row_of_token <= 0 or rows * row_of_token != tokens:
+        raise ValueError(f"{tokens} tokens are not {rows} sequences of {row_of_token} tokens")
+
+
+def _check_memory(a, memory, hidden, base) -> None:
     tokens, dim = a.shape
-    hidden = memory.shape[1] if memory.dim() == 2 else -1
-    if weight is None and base is None:
-        raise ValueError("memoir_down_proj needs the base weight or a precomputed base output")
-    if weight is not None and weight.shape != (weight.shape[0], dim):
-        raise ValueError(f"weight must be [d, {dim}], got {tuple(weight.shape)}")
-    if weight is not None:
-        hidden = weight.shape[0]
     if memory.shape != (dim, hidden):
         raise ValueError(f"memory must be [{dim}, {hidden}], got {tuple(memory.shape)}")
     if base is not None and base.shape != (tokens, hidden):
         raise ValueError(f"base must be [{tokens}, {hidden}], got {tuple(base.shape)}")
-    if row_of_token.shape != (tokens,) or row_of_token.dtype != torch.int64:
-        raise ValueError(f"row_of_token must be int64 [{tokens}], got {row_of_token.dtype} {tuple(row_of_token.shape)}")
+
+
+def _check_inputs(a, weight, memory, row_of_token, bits, gate, base) -> None:
+    dim = a.shape[1]
+    if weight is None and base is None:
+        raise ValueError("memoir_down_proj needs the base weight or a precomputed base output")
+    if weight is not None and weight.shape != (weight.shape[0], dim):
+        raise ValueError(f"weight must be [d, {dim}], got {tuple(weight.shape)}")
+    hidden = weight.shape[0] if weight is not None else base.shape[1]
+    _check_memory(a, memory, hidden, base)
     if bits.dim() != 2 or gate.shape != (bits.shape[0],) or gate.dtype != torch.bool:
         raise ValueError(f"gate must be bool [R] matching bits [R, W]; got {tuple(gate.shape)} and {tuple(bits.shape)}")
+    _check_rows(row_of_token, a.shape[0], bits.shape[0])
+
+
+def _check_routed_inputs(a, memory, row_of_token, bank_bits, index, overlap, base) -> None:
+    if base is None:
+        raise ValueError("memoir_down_proj_routed needs the base output")
+    _check_memory(a, memory, base.shape[1], base)
+    words = num_words(a.shape[1])
+    if bank_bits.dtype != torch.int64 or bank_bits.dim() != 2 or bank_bits.shape[1] != words:
+        raise ValueError(f"bank_bits must be int64 [N, {words}], got {bank_bits.dtype} {tuple(bank_bits.shape)}")
+    rows = index.shape[0] if index.dim() == 1 else -1
+    if index.dtype != torch.int64 or rows < 0:
+        raise ValueError(f"index must be int64 [R], got {index.dtype} {tuple(index.shape)}")
+    if overlap.dtype != torch.int32 or overlap.shape != (rows,):
+        raise ValueError(f"overlap must be int32 [{rows}], got {overlap.dtype} {tuple(overlap.shape)}")
+    _check_rows(row_of_token, a.shape[0], rows)
 
 
 # --------------------------------------------------------------------------------------- Triton
@@ -140,11 +242,25 @@ if HAS_TRITON:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
+    def _gate_and_slot(row, valid, slot_ptr, gate_ptr, min_overlap, ROUTED: tl.constexpr):
+        """``(gated, slot)`` of sequence(s) ``row``, loads masked by ``valid``: whether the row uses
+        the memory and which row of the bits holds its mask. Routed: slot = index[row] and gated =
+        overlap[row] >= min_overlap (``gate_ptr`` holds the int32 overlaps), here rather than as
+        separate launches before this one; otherwise slot = row and the bool gate[row]."""
+        if ROUTED:
+            slot = tl.load(slot_ptr + row, mask=valid, other=0)
+            gated = tl.load(gate_ptr + row, mask=valid, other=0) >= min_overlap
+        else:
+            slot = row
+            gated = tl.load(gate_ptr + row, mask=valid, other=0).to(tl.int1)
+        return gated & valid, slot
+
+    @triton.jit
     def _down_proj_gather_kernel(
-        a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
-        per_row, dim, hidden, words,
-        ROWS_BY_DIVISION: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, slot_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
+        per_row, min_overlap, dim, hidden, words,
+        ROWS_BY_DIVISION: tl.constexpr, ROUTED: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ROUND_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """y[t, n] = base[t, n] + gate[r] * sum_{i in mask[r]} a[t, i] W_m[i, n].  One token per program
         row; masked loads skip the rows of W_m outside the mask, so only the k selected rows are read."""
@@ -155,7 +271,7 @@ if HAS_TRITON:
             row = t // per_row
         else:
             row = tl.load(rows_ptr + t)
-        gated = tl.load(gate_ptr + row).to(tl.int1)
+        gated, slot = _gate_and_slot(row, t >= 0, slot_ptr, gate_ptr, min_overlap, ROUTED)  # (t always exists)
         if HAS_BASE:
             base = tl.load(base_ptr + t * hidden + n, mask=in_n, other=0.0)
         else:
@@ -174,7 +290,7 @@ if HAS_TRITON:
             for k0 in range(0, dim, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
                 in_k = kk < dim
-                word = tl.load(bits_ptr + row * words + kk // 64, mask=in_k, other=0)
+                word = tl.load(bits_ptr + slot * words + kk // 64, mask=in_k, other=0)
                 chosen = in_k & (((word >> (kk % 64).to(tl.int64)) & 1) != 0)
                 x = tl.load(a_ptr + t * dim + kk, mask=chosen, other=0.0).to(tl.float32)
                 m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=chosen[:, None] & in_n[None, :], other=0.0)
@@ -186,10 +302,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _down_proj_dense_kernel(
-        a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
-        per_row, tokens, dim, hidden, words,
-        ROWS_BY_DIVISION: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, slot_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
+        per_row, min_overlap, tokens, dim, hidden, words,
+        ROWS_BY_DIVISION: tl.constexpr, ROUTED: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ROUND_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         """Y = base + (G ⊙ M[rows] ⊙ A) W_m, tiled [BLOCK_T, BLOCK_N]: each W_m tile serves BLOCK_T tokens."""
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -199,14 +316,14 @@ if HAS_TRITON:
             row = tl.where(in_t, t // per_row, 0)
         else:
             row = tl.load(rows_ptr + t, mask=in_t, other=0)
-        gated = tl.load(gate_ptr + row, mask=in_t, other=0).to(tl.int1) & in_t
+        gated, slot = _gate_and_slot(row, in_t, slot_ptr, gate_ptr, min_overlap, ROUTED)
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         acc_base = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, dim, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             in_k = kk < dim
             x = tl.load(a_ptr + t[:, None] * dim + kk[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
-            word = tl.load(bits_ptr + row[:, None] * words + (kk // 64)[None, :], mask=gated[:, None] & in_k[None, :],
+            word = tl.load(bits_ptr + slot[:, None] * words + (kk // 64)[None, :], mask=gated[:, None] & in_k[None, :],
                            other=0)
             chosen = ((word >> (kk % 64).to(tl.int64)[None, :]) & 1) != 0
             m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)
@@ -234,18 +351,10 @@ if HAS_TRITON:
         edited = (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + t[:, None] * hidden + n[None, :], tl.where(gated[:, None], edited, base), mask=out_mask)
 
-    @triton_op("memoir::down_proj_triton", mutates_args=())
-    def _down_proj_triton_op(
-        a: torch.Tensor,
-        weight: torch.Tensor | None,
-        memory: torch.Tensor,
-        row_of_token: torch.Tensor | None,
-        tokens_per_row: int,
-        bits: torch.Tensor,
-        gate: torch.Tensor,
-        bias: torch.Tensor | None,
-        base: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _launch(a, weight, memory, row_of_token, tokens_per_row, bits, slots, gate, min_overlap, bias, base):
+        """Runs the gather kernel (up to ``DECODE_MAX_TOKENS`` tokens) or the dense one. ``slots``
+        ``None``: sequence r uses ``bits[r]`` and the bool ``gate[r]``; otherwise ``bits[slots[r]]``
+        and the int32 ``gate[r] >= min_overlap``. Returns ``[T, d]`` in ``a``'s dtype."""
         tokens, dim = a.shape
         hidden = memory.shape[1]
         small = interpreting()  # small tiles keep the CPU interpreter fast
@@ -255,9 +364,10 @@ if HAS_TRITON:
         out = torch.empty(tokens, hidden, dtype=torch.float32 if emulate else a.dtype, device=a.device)
         dummy = a  # stands in for absent optional pointers; constexpr flags keep it unread
         args = (a, weight if weight is not None else dummy, memory, row_of_token if row_of_token is not None else dummy,
-                bits, gate, bias if bias is not None else dummy, base if base is not None else dummy, out,
-                tokens_per_row)
-        flags = {"ROWS_BY_DIVISION": row_of_token is None, "HAS_BASE": base is not None, "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
+                bits, slots if slots is not None else dummy, gate, bias if bias is not None else dummy,
+                base if base is not None else dummy, out, tokens_per_row, min_overlap)
+        flags = {"ROWS_BY_DIVISION": row_of_token is None, "ROUTED": slots is not None, "HAS_BASE": base is not None,
+                 "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
         if tokens <= DECODE_MAX_TOKENS:
             block_n = 32 if small else 64
             wrap_triton(_down_proj_gather_kernel)[(tokens, triton.cdiv(hidden, block_n))](
@@ -272,6 +382,40 @@ if HAS_TRITON:
             )
         return out.to(a.dtype) if emulate else out
 
+    @triton_op("memoir::down_proj_triton", mutates_args=())
+    def _down_proj_triton_op(
+        a: torch.Tensor,
+        weight: torch.Tensor | None,
+        memory: torch.Tensor,
+        row_of_token: torch.Tensor | None,
+        tokens_per_row: int,
+        bits: torch.Tensor,
+        gate: torch.Tensor,
+        bias: torch.Tensor | None,
+        base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return _launch(a, weight, memory, row_of_token, tokens_per_row, bits, None, gate, 0, bias, base)
+
     @_down_proj_triton_op.register_fake
     def _(a, weight, memory, row_of_token, tokens_per_row, bits, gate, bias, base):
+        return a.new_empty(a.shape[0], memory.shape[1])
+
+    @triton_op("memoir::down_proj_routed_triton", mutates_args=())
+    def _down_proj_routed_triton_op(
+        a: torch.Tensor,
+        memory: torch.Tensor,
+        row_of_token: torch.Tensor | None,
+        tokens_per_row: int,
+        bank_bits: torch.Tensor,
+        index: torch.Tensor,
+        overlap: torch.Tensor,
+        min_overlap: int,
+        base: torch.Tensor,
+    ) -> torch.Tensor:
+        return _launch(a, None, memory, row_of_token, tokens_per_row, bank_bits, index, overlap, min_overlap, None,
+                       base)
+
+    @_down_proj_routed_triton_op.register_fake
+    def _(a, memory, row_of_token, tokens_per_row, bank_bits, index, overlap, min_overlap, base):
+        # Explicit, rather than traced through the kernel: the interpreter cannot run on fake tensors.
         return a.new_empty(a.shape[0], memory.shape[1])

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from memoir_kernels import memoir_down_proj, memoir_down_proj_reference, pack_bits
+from memoir_kernels import (
+    memoir_down_proj,
+    memoir_down_proj_reference,
+    memoir_down_proj_routed,
+    memoir_down_proj_routed_reference,
+    pack_bits,
+)
 
 from .helpers import kernel_device as _device
 
@@ -108,3 +114,91 @@ def test_rows_given_as_sequence_length(triton_backend, tokens_per_row):
     want = memoir_down_proj_reference(a, None, memory, rows, pack_bits(masks), gate, base=base)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     assert torch.equal(got[~gate[rows]], base[~gate[rows]])
+
+
+# ------------------------------------------------------------------ routed variant (mask search result in)
+
+
+def _routed_inputs(tokens_per_row, rows=4, dim=70, hidden=33, bank=5, dtype=torch.float32, device="cpu"):
+    """Activations of ``rows`` sequences, a bank of masks, the search result of each sequence (some
+    pointing at the same stored mask, some not at their own row) and the base output."""
+    a = torch.randn(rows * tokens_per_row, dim, device=device).to(dtype)
+    weight, bias = torch.randn(hidden, dim, device=device).to(dtype), torch.randn(hidden, device=device).to(dtype)
+    memory = torch.randn(dim, hidden, device=device)
+    bank_bits = pack_bits(torch.rand(bank, dim, device=device) < 0.3)
+    index = torch.tensor([3, 0, 3, 1, 4, 2][:rows], device=device)
+    overlap = torch.tensor([12, 7, 9, 15, 3, 10][:rows], dtype=torch.int32, device=device)
+    base = torch.nn.functional.linear(a, weight, bias)
+    return a, weight, bias, memory, bank_bits, index, overlap, base
+
+
+@pytest.mark.parametrize("impl", [memoir_down_proj_routed, memoir_down_proj_routed_reference],
+                         ids=["dispatch", "reference"])
+@pytest.mark.parametrize("min_overlap", [0, 9, 16])
+def test_routed_is_down_proj_of_the_gathered_masks(impl, min_overlap):
+    """Routed == memoir_down_proj with bits = bank[index] and gate = overlap >= min_overlap."""
+    a, _, _, memory, bank_bits, index, overlap, base = _routed_inputs(tokens_per_row=3)
+    got = impl(a, memory, 3, bank_bits, index, overlap, min_overlap, base=base)
+    gate = overlap >= min_overlap
+    want = memoir_down_proj_reference(a, None, memory, 3, bank_bits[index], gate, base=base)
+    assert torch.equal(got, want)
+    rows = torch.arange(a.shape[0]) // 3
+    assert torch.equal(got[~gate[rows]], base[~gate[rows]])
+
+
+def test_routed_empty_bank_is_the_base_output():
+    """An empty bank gates nothing, decided by its shape: the search's index -1 is never read, and a
+    threshold of 0 (tau <= 0) does not gate on the search's overlap 0."""
+    a, _, _, memory, _, _, _, base = _routed_inputs(tokens_per_row=2)
+    empty = torch.zeros(0, 2, dtype=torch.int64)
+    index, overlap = torch.full((4,), -1), torch.zeros(4, dtype=torch.int32)
+    for impl in (memoir_down_proj_routed, memoir_down_proj_routed_reference):
+        assert torch.equal(impl(a, memory, 2, empty, index, overlap, 0, base=base), base)
+
+
+def test_routed_bad_inputs_raise():
+    a, _, _, memory, bank_bits, index, overlap, base = _routed_inputs(tokens_per_row=2)
+    with pytest.raises(ValueError, match="overlap"):
+        memoir_down_proj_routed(a, memory, 2, bank_bits, index, overlap.long(), 5, base=base)
+    with pytest.raises(ValueError, match="bank_bits"):
+        memoir_down_proj_routed(a, memory, 2, bank_bits[:, :1], index, overlap, 5, base=base)
+    with pytest.raises(ValueError, match="sequences"):
+        memoir_down_proj_routed(a, memory, 3, bank_bits, index, overlap, 5, base=base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("tokens_per_row", [pytest.param(n, id=f"T{4 * n}") for n in (1, 4, 5, 10)])
+def test_triton_routed_matches_reference(triton_backend, tokens_per_row, dtype):
+    """Both regimes (gather up to 16 tokens, dense above): gated rows within the fp32 error budget of
+    the reference, ungated rows the base output bit for bit."""
+    a, weight, bias, memory, bank_bits, index, overlap, _ = _routed_inputs(tokens_per_row, device=_device())
+    min_overlap = 10  # rows 0 and 3 gated, rows 1 and 2 not
+    exact = memoir_down_proj_routed_reference(a, memory, tokens_per_row, bank_bits, index, overlap, min_overlap,
+                                              base=torch.nn.functional.linear(a, weight, bias))
+    a_l = a.to(dtype)
+    base = torch.nn.functional.linear(a_l, weight.to(dtype), bias.to(dtype))
+    got = memoir_down_proj_routed(a_l, memory, tokens_per_row, bank_bits, index, overlap, min_overlap, base=base)
+    ref = memoir_down_proj_routed_reference(a_l, memory, tokens_per_row, bank_bits, index, overlap, min_overlap,
+                                            base=base)
+    assert got.dtype == dtype and got.shape == exact.shape
+    assert (got.float() - exact).abs().max().item() <= 2 * (ref.float() - exact).abs().max().item() + 1e-4
+    gated = (overlap >= min_overlap).repeat_interleave(tokens_per_row)
+    assert gated.any() and not gated.all()
+    assert torch.equal(got[~gated], base[~gated])
+    assert not torch.equal(got[gated], base[gated])
+
+
+def test_triton_routed_with_row_index_tensor(triton_backend):
+    """Tokens given a row each (not whole sequences in order): the kernel reads row_of_token."""
+    a, _, _, memory, bank_bits, index, overlap, base = _routed_inputs(tokens_per_row=5, device=_device())
+    rows = torch.randint(0, 4, (a.shape[0],), device=a.device)
+    got = memoir_down_proj_routed(a, memory, rows, bank_bits, index, overlap, 9, base=base)
+    want = memoir_down_proj_routed_reference(a, memory, rows, bank_bits, index, overlap, 9, base=base)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_routed_op_passes_opcheck(triton_backend):
+    a, _, _, memory, bank_bits, index, overlap, base = _routed_inputs(tokens_per_row=1, device=_device())
+    utils = None if torch.cuda.is_available() else ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.memoir.down_proj_routed_triton.default,
+                          (a, memory, None, 1, bank_bits, index, overlap, 9, base), test_utils=utils)

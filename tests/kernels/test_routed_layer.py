@@ -3,9 +3,13 @@ synchronisation (torch.compile with fullgraph on CPU; a CUDA-graph capture of a 
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memoir.layer import CallContext, MemoirLayer
 from memoir_kernels import pack_bits, unpack_bits
+from memoir_kernels._native import native_available
+
+from .helpers import kernel_device
 
 
 def _layer(dim=130, hidden=24, k=40, masks=6, device="cpu", dtype=torch.float32):
@@ -68,6 +72,64 @@ def test_routed_forward_under_torch_compile():
     def forward(x):
         return layer(x)
 
+    with torch.no_grad():
+        got = forward(acts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _OpLog(TorchDispatchMode):
+    """Every op dispatched under it (the memoir kernels' ops and aten's), in order. Views are left
+    out: they only make new tensor metadata and launch nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _logged(fn, *args):
+    with torch.no_grad(), _OpLog() as log:
+        fn(*args)
+    return log.ops
+
+
+def test_routed_step_launches_three_ops_on_top_of_the_original_module(triton_backend):
+    """A fresh routed step is the original module's ops, then tophash, mask_search and the routed
+    down projection, nothing else: the gate comparison and the gather of the stored masks happen in
+    the down projection's kernel. A decode step reusing the decision is the down projection alone."""
+    device = torch.device(kernel_device())
+    if not native_available(device):
+        pytest.skip("the compiled mask search is not built for this device")
+    layer = _layer(device=device)
+    acts = _gated_batch(layer)
+    window = torch.ones(acts.shape[:2], dtype=torch.bool, device=device)
+    _, decision = _routed(layer, acts, window)  # first call: caches the inverse permutation
+    assert decision.gate.tolist() == [True, False, False]
+    try:
+        layer.call = CallContext(window=window)
+        fresh = _logged(layer, acts)
+        step = acts[:, -1:].clone()  # one new token per sequence, as in generation
+        layer.call = CallContext(reuse=decision)
+        decode = _logged(layer, step)
+    finally:
+        layer.call = None
+    kernels = ["memoir.tophash_triton", "memoir.mask_search", "memoir.down_proj_routed_triton"]
+    assert fresh == _logged(layer.base_layer, acts) + kernels
+    assert decode == _logged(layer.base_layer, step) + kernels[-1:]
+
+
+def test_routed_forward_through_the_kernels_is_one_graph(triton_backend):
+    """torch.compile(fullgraph=True) of the routed forward on the kernel ops (the interpreter on CPU,
+    where only Dynamo's capture runs: the interpreter cannot run on the fake tensors of AOT tracing)."""
+    layer = _layer(device=kernel_device())
+    acts = _gated_batch(layer)
+    want, decision = _routed(layer, acts)
+    assert decision.gate.any()
+    forward = torch.compile(layer, fullgraph=True, backend="inductor" if torch.cuda.is_available() else "eager")
     with torch.no_grad():
         got = forward(acts)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

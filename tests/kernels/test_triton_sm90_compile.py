@@ -38,12 +38,17 @@ SCRIPT = textwrap.dedent('''
            "dim": "i32", "words": "i32", "k": "i32"},
           {"HAS_MU": True, "BLOCK_D": 16384, "BLOCK_WORDS": 16}, num_warps=8)
     common = {"a_ptr": "*bf16", "w_ptr": "*bf16", "mem_ptr": "*fp32", "rows_ptr": "*i64", "bits_ptr": "*i64",
-              "gate_ptr": "*i1", "bias_ptr": "*bf16", "base_ptr": "*bf16", "out_ptr": "*bf16", "per_row": "i32"}
-    flags = {"ROWS_BY_DIVISION": True, "HAS_BASE": False, "HAS_BIAS": True, "ROUND_RESIDUAL": True}
-    build(down_proj._down_proj_gather_kernel, dict(common, dim="i32", hidden="i32", words="i32"),
-          dict(flags, BLOCK_N=64, BLOCK_K=128))
-    build(down_proj._down_proj_dense_kernel, dict(common, tokens="i32", dim="i32", hidden="i32", words="i32"),
-          dict(flags, DOT_FP32=False, BLOCK_T=64, BLOCK_N=64, BLOCK_K=64))
+              "slot_ptr": "*i64", "gate_ptr": "*i1", "bias_ptr": "*bf16", "base_ptr": "*bf16", "out_ptr": "*bf16",
+              "per_row": "i32", "min_overlap": "i32"}
+    flags = {"ROWS_BY_DIVISION": True, "ROUTED": False, "HAS_BASE": False, "HAS_BIAS": True, "ROUND_RESIDUAL": True}
+    # The routed variant (the edited layer's): bank row index[r], int32 overlaps as the gate, base given.
+    routed_common = dict(common, gate_ptr="*i32")
+    routed = dict(flags, ROUTED=True, HAS_BASE=True, HAS_BIAS=False)
+    for sig, consts in ((common, flags), (routed_common, routed)):
+        build(down_proj._down_proj_gather_kernel, dict(sig, dim="i32", hidden="i32", words="i32"),
+              dict(consts, BLOCK_N=64, BLOCK_K=128))
+        build(down_proj._down_proj_dense_kernel, dict(sig, tokens="i32", dim="i32", hidden="i32", words="i32"),
+              dict(consts, DOT_FP32=False, BLOCK_T=64, BLOCK_N=64, BLOCK_K=64))
     build(fused._tophash_residual_kernel,
           {"key_ptr": "*fp32", "inv_perm_ptr": "*i64", "a_ptr": "*bf16", "mem_ptr": "*fp32", "out_ptr": "*bf16",
            "tokens": "i32", "dim": "i32", "hidden": "i32", "k": "i32"},
