@@ -60,6 +60,9 @@ def _print_table(report: dict) -> None:
     print(f"edits {report['edits']} (skipped {report.get('skipped_empty_target', 0)} with an empty target), "
           f"{report['sec_per_edit']:.2f} s/edit, overlap edit/rephrase/unrelated "
           f"{report['overlap_edit']:.2f}/{report['overlap_rephrase']:.2f}/{report['overlap_unrelated']:.2f}")
+    if report.get("contradicted_later"):
+        print(f"Rel of the {report['contradicted_later']} edits contradicted by a later edit (same subject): "
+              f"{report['rel_contradicted_later']:.3f}; of the others: {report['rel_not_contradicted']:.3f}")
 
 
 def cmd_eval(args) -> int:

@@ -14,7 +14,7 @@ from .tokens import batch_prompt_target
 from .training import EditResult
 
 __all__ = ["load_zsre", "edit_records", "background_sentences", "teacher_forced", "evaluate_sequential", "ScoredBatch",
-           "curve_points"]
+           "curve_points", "later_contradictions"]
 
 
 def load_zsre(path) -> list[dict]:
@@ -176,6 +176,7 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
         "unrelated_gated": _mean(float(o >= editor.config.irr_threshold) for o in loc_after.overlap),
         "masks": editor.layer.num_masks,
         "rel_by_age_quarter": _by_quarter(rel.accuracy),
+        **_rel_by_contradiction(records, rel.accuracy),
         "per_record": {
             "rel": rel.accuracy, "gen": gen.accuracy, "loc": loc_scores,
             "overlap_edit": rel.overlap, "overlap_rephrase": gen.overlap, "overlap_unrelated": loc_after.overlap,
@@ -207,6 +208,31 @@ def sweep_thresholds(editor, records: list[dict], report: dict,
     finally:
         layer.irr_threshold = original
     return rows
+
+
+def later_contradictions(records: list[dict]) -> list[bool]:
+    """Per edit: does a later edit ask about the same ``subject`` with a different target?
+
+    ZsRE groups several paraphrased questions about one subject, each with its own new target; the
+    later edit of such a pair contradicts the earlier one on nearly the same prompt. Records
+    without a ``subject`` are never counted as contradicted.
+    """
+    flags = []
+    for index, record in enumerate(records):
+        subject = str(record.get("subject", "")).strip()
+        flags.append(bool(subject) and any(
+            str(later.get("subject", "")).strip() == subject and later["alt"] != record["alt"]
+            for later in records[index + 1 :]))
+    return flags
+
+
+def _rel_by_contradiction(records: list[dict], rel: list[float]) -> dict:
+    """Rel of the edits contradicted by a later edit (see :func:`later_contradictions`) and of the rest."""
+    flags = later_contradictions(records)
+    contradicted = [r for r, flag in zip(rel, flags, strict=True) if flag]
+    others = [r for r, flag in zip(rel, flags, strict=True) if not flag]
+    return {"contradicted_later": len(contradicted),
+            "rel_contradicted_later": _mean(contradicted), "rel_not_contradicted": _mean(others)}
 
 
 def _by_quarter(values: list[float]) -> list[float]:

@@ -127,6 +127,10 @@ def summary_markdown(report: dict, images: dict[str, str] | None = None) -> str:
     if report.get("rel_by_age_quarter") and len(report["rel_by_age_quarter"]) > 1:
         quarters = " / ".join(_fmt(v, 2) for v in report["rel_by_age_quarter"])
         lines += [f"Rel by edit age (quarters, oldest first): {quarters}.", ""]
+    if report.get("contradicted_later"):
+        lines += [f"Rel of the {report['contradicted_later']} edits that a later edit contradicts (same subject, "
+                  f"another target): {_fmt(report['rel_contradicted_later'])}; of the other "
+                  f"{report['edits'] - report['contradicted_later']}: {_fmt(report['rel_not_contradicted'])}.", ""]
     sweep = report.get("threshold_sweep") or []
     if sweep:
         lines += ["## Threshold sweep", "", "Same memory, routing redone for each tau.", "",

@@ -19,6 +19,7 @@ def synthetic_report(with_sweep: bool = False) -> dict:
         "mean_iterations": 12.5, "mean_final_loss": 0.031, "overlap_edit": 1.0, "overlap_rephrase": 0.71,
         "overlap_unrelated": 0.45, "edit_routed_to_own_mask": 1.0, "rephrase_routed_to_own_mask": 0.75,
         "unrelated_gated": 0.0, "masks": 8, "rel_by_age_quarter": [0.875, 1.0, 0.875, 1.0],
+        "contradicted_later": 3, "rel_contradicted_later": 0.8333, "rel_not_contradicted": 1.0,
         "skipped_empty_target": 1, "model": "tiny", "config": {"irr_threshold": 0.55, "top_k": 439,
                                                                 "target_module": "model.layers.22.mlp.down_proj"},
         "per_record": {
@@ -107,3 +108,21 @@ def test_eval_parser_has_the_report_option():
 
     args = build_parser().parse_args(["eval", "--edits", "2", "--report", "out/"])
     assert args.report == "out/"
+
+
+def test_summary_reports_rel_of_contradicted_edits():
+    text = summary_markdown(synthetic_report())
+    assert "Rel of the 3 edits that a later edit contradicts" in text and "of the other 5: 1.000" in text
+
+
+def test_later_contradictions_need_the_same_subject_and_another_target():
+    from memoir.evaluation import _rel_by_contradiction, later_contradictions
+
+    records = [{"subject": "A", "alt": "x"}, {"subject": "B", "alt": "y"}, {"subject": "A", "alt": "x"},
+               {"subject": "A", "alt": "z"}, {"subject": "B", "alt": "y"}, {"alt": "w"}, {"alt": "v"}]
+    # record 0 and 2 are contradicted by record 3; record 1's later B edit has the same target
+    assert later_contradictions(records) == [True, False, True, False, False, False, False]
+    scores = _rel_by_contradiction(records, [0.5, 1.0, 0.7, 1.0, 1.0, 0.9, 0.8])
+    assert scores["contradicted_later"] == 2
+    assert scores["rel_contradicted_later"] == pytest.approx(0.6)
+    assert scores["rel_not_contradicted"] == pytest.approx(0.94)
