@@ -166,19 +166,24 @@ class MemoirLayer(nn.Module):
         masked = acts.to(self.memory.dtype) * masks.unsqueeze(1).to(self.memory.dtype)
         return (masked @ self.memory).to(acts.dtype)
 
-    def _window(self, acts: torch.Tensor) -> torch.Tensor:
+    def _window(self, acts: torch.Tensor) -> torch.Tensor | None:
+        """``[B, T]`` bool tokens that enter the key, or ``None`` for every token (the ops take
+        that without a tensor, which spares the routed forward a fill launch)."""
         window = self.call.window if self.call is not None else None
-        if window is None or window.shape != acts.shape[:2]:
+        if window is not None and window.shape != acts.shape[:2]:
+            window = None
+        if self.key_aggregation != "last":
+            return window
+        if window is None:
             window = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
-        if self.key_aggregation == "last":
-            window = window & (window.cumsum(dim=1) == window.sum(dim=1, keepdim=True))
-        return window
+        return window & (window.cumsum(dim=1) == window.sum(dim=1, keepdim=True))
 
     def _mu(self) -> torch.Tensor | None:
         return self.background_mean if self.key_aggregation == "mean_decentered" and self.has_background else None
 
-    def query_bits(self, acts: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """TopHash masks ``[B, W]`` of ``acts [B, T, D]`` over ``window [B, T]`` (already aggregated)."""
+    def query_bits(self, acts: torch.Tensor, window: torch.Tensor | None) -> torch.Tensor:
+        """TopHash masks ``[B, W]`` of ``acts [B, T, D]`` over ``window [B, T]`` (already aggregated;
+        ``None``: every token)."""
         return tophash(acts, window, self._mu(), self.permutation, self.top_k, inverse_perm=self._inverse_permutation())
 
     def _inverse_permutation(self) -> torch.Tensor | None:
@@ -199,7 +204,8 @@ class MemoirLayer(nn.Module):
 
     def edit_mask(self, acts: torch.Tensor) -> torch.Tensor:
         """Packed mask ``[1, W]`` of an edit: TopHash of row 0's prompt tokens (the raw prompt)."""
-        return self.query_bits(acts[:1], self._window(acts)[:1])
+        window = self._window(acts)
+        return self.query_bits(acts[:1], None if window is None else window[:1])
 
     def _train_masks(self, acts: torch.Tensor) -> torch.Tensor:
         # The edit's mask comes from row 0 on the first forward of the edit; the activations

@@ -15,8 +15,9 @@ from .backend import resolve_backend
 __all__ = ["prompt_keys", "tophash", "tophash_from_keys", "tophash_reference", "inverse_permutation"]
 
 
-def prompt_keys(acts: torch.Tensor, window: torch.Tensor, mu: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of ``acts [B, T, D]`` over the tokens where ``window [B, T]`` is true, minus ``mu [D]``.
+def prompt_keys(acts: torch.Tensor, window: torch.Tensor | None, mu: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``acts [B, T, D]`` over the tokens where ``window [B, T]`` is true (every token when
+    ``window`` is ``None``), minus ``mu [D]``.
 
     Computed in fp32 whatever the input dtype. A row with an empty window gets the zero mean (its
     key is then ``-mu``) rather than NaN, so one bad row cannot poison a batch.
@@ -24,7 +25,8 @@ def prompt_keys(acts: torch.Tensor, window: torch.Tensor, mu: torch.Tensor | Non
     Returns keys ``[B, D]`` (fp32).
     """
     _check_acts(acts, window)
-    weights = window.to(torch.float32)
+    # The same weighted sum with all weights 1, so a full window and no window agree to the bit.
+    weights = torch.ones(acts.shape[:2], device=acts.device) if window is None else window.to(torch.float32)
     count = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
     summed = torch.einsum("bt,btd->bd", weights, acts.to(torch.float32))
     keys = summed / count
@@ -52,15 +54,16 @@ def tophash_from_keys(keys: torch.Tensor, perm: torch.Tensor, k: int) -> torch.T
 
 
 def tophash_reference(
-    acts: torch.Tensor, window: torch.Tensor, mu: torch.Tensor | None, perm: torch.Tensor, k: int
+    acts: torch.Tensor, window: torch.Tensor | None, mu: torch.Tensor | None, perm: torch.Tensor, k: int
 ) -> torch.Tensor:
-    """Pure-PyTorch TopHash of ``acts [B, T, D]`` over ``window [B, T]``; returns bits ``[B, W]``."""
+    """Pure-PyTorch TopHash of ``acts [B, T, D]`` over ``window [B, T]`` (``None``: every token);
+    returns bits ``[B, W]``."""
     return tophash_from_keys(prompt_keys(acts, window, mu), perm, k)
 
 
 def tophash(
     acts: torch.Tensor,
-    window: torch.Tensor,
+    window: torch.Tensor | None,
     mu: torch.Tensor | None,
     perm: torch.Tensor,
     k: int,
@@ -70,7 +73,8 @@ def tophash(
 
     Args:
         acts: ``[B, T, D]`` token activations (any float dtype).
-        window: ``[B, T]`` bool, true on the prompt tokens that enter the key (padding excluded).
+        window: ``[B, T]`` bool, true on the prompt tokens that enter the key (padding excluded);
+            ``None``: every token (no all-true tensor to fill on the device first).
         mu: ``[D]`` background mean subtracted from the key, or ``None``.
         perm: ``[D]`` int64 permutation of ``0..D-1``.
         k: number of positions set in every mask.
@@ -109,12 +113,15 @@ def _tophash_triton(acts, window, mu, perm, k, inverse_perm):
         inverse_perm = inverse_permutation(perm)
     if mu is not None:
         mu = mu.to(device=acts.device, dtype=torch.float32).contiguous()
-    return torch.ops.memoir.tophash_triton(acts.contiguous(), window.contiguous(), mu, inverse_perm.contiguous(), k)
+    window = None if window is None else window.contiguous()
+    return torch.ops.memoir.tophash_triton(acts.contiguous(), window, mu, inverse_perm.contiguous(), k)
 
 
-def _check_acts(acts: torch.Tensor, window: torch.Tensor) -> None:
+def _check_acts(acts: torch.Tensor, window: torch.Tensor | None) -> None:
     if acts.dim() != 3:
         raise ValueError(f"acts must be [B, T, D], got shape {tuple(acts.shape)}")
+    if window is None:
+        return
     if window.shape != acts.shape[:2]:
         raise ValueError(f"window must be [B, T] = {tuple(acts.shape[:2])}, got {tuple(window.shape)}")
     if window.dtype != torch.bool:
@@ -132,7 +139,7 @@ if HAS_TRITON:
         acts_ptr, acts_batch_stride, acts_token_stride,
         window_ptr, mu_ptr, inv_perm_ptr, scratch_ptr, out_ptr,
         tokens, dim, words, k,
-        HAS_MU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WORDS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_MU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WORDS: tl.constexpr,
     ):
         """key = sum_t w_t a_t / max(sum_t w_t, 1) - mu;  S = top-k |key| (ties: lower index);
         bits[j // 64] |= [inv_perm[j] in S] << (j % 64).  One program per sequence."""
@@ -142,8 +149,12 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         count = tl.zeros([1], dtype=tl.float32)
         for t in range(tokens):
-            # Window weights multiply (not skip) the token, as the reference's einsum does.
-            weight = tl.load(window_ptr + row * tokens + t + tl.arange(0, 1)).to(tl.float32)
+            # Window weights multiply (not skip) the token, as the reference's einsum does; no
+            # window is weight 1 everywhere, the same arithmetic as an all-true window.
+            if HAS_WINDOW:
+                weight = tl.load(window_ptr + row * tokens + t + tl.arange(0, 1)).to(tl.float32)
+            else:
+                weight = tl.full([1], 1.0, tl.float32)
             x = tl.load(acts_ptr + row * acts_batch_stride + t * acts_token_stride + offs, mask=in_dim, other=0.0)
             # Loaded then converted at once: half types are only storage, the arithmetic is fp32.
             acc += x.to(tl.float32) * weight
@@ -182,7 +193,7 @@ if HAS_TRITON:
 
     @triton_op("memoir::tophash_triton", mutates_args=())
     def _tophash_triton_op(
-        acts: torch.Tensor, window: torch.Tensor, mu: torch.Tensor | None, inverse_perm: torch.Tensor, k: int
+        acts: torch.Tensor, window: torch.Tensor | None, mu: torch.Tensor | None, inverse_perm: torch.Tensor, k: int
     ) -> torch.Tensor:
         batch, tokens, dim = acts.shape
         words = num_words(dim)
@@ -190,9 +201,9 @@ if HAS_TRITON:
         scratch = torch.empty(batch, dim, dtype=torch.int32, device=acts.device)
         block_d = triton.next_power_of_2(dim)
         wrap_triton(_tophash_kernel)[(batch,)](
-            acts, acts.stride(0), acts.stride(1), window, mu if mu is not None else acts, inverse_perm, scratch, out,
-            tokens, dim, words, k,
-            HAS_MU=mu is not None, BLOCK_D=block_d, BLOCK_WORDS=min(16, triton.next_power_of_2(words)),
+            acts, acts.stride(0), acts.stride(1), window if window is not None else acts, mu if mu is not None else acts,
+            inverse_perm, scratch, out, tokens, dim, words, k,
+            HAS_WINDOW=window is not None, HAS_MU=mu is not None, BLOCK_D=block_d, BLOCK_WORDS=min(16, triton.next_power_of_2(words)),
             num_warps=8 if block_d >= 4096 else 4,
         )
         return out

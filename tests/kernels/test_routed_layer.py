@@ -117,8 +117,11 @@ def test_routed_step_launches_three_ops_on_top_of_the_original_module(triton_bac
         decode = _logged(layer, step)
     finally:
         layer.call = None
+    without_window = _logged(layer, acts)  # no call context: every token is the prompt, no fill first
     kernels = ["memoir.tophash_triton", "memoir.mask_search", "memoir.down_proj_routed_triton"]
-    assert fresh == _logged(layer.base_layer, acts) + kernels
+    base = _logged(layer.base_layer, acts)
+    assert fresh == base + kernels
+    assert without_window == base + kernels
     assert decode == _logged(layer.base_layer, step) + kernels[-1:]
 
 

@@ -56,6 +56,14 @@ def test_empty_window_gives_finite_key():
     assert torch.isfinite(keys).all() and torch.equal(keys, -torch.ones(1, 4))
 
 
+def test_no_window_is_every_token():
+    """window=None (the edited layer called without a prompt window) is an all-true window, to the bit."""
+    acts, mu, perm = torch.randn(3, 6, 90), torch.randn(90), torch.randperm(90)
+    full = torch.ones(3, 6, dtype=torch.bool)
+    assert torch.equal(prompt_keys(acts, None, mu), prompt_keys(acts, full, mu))
+    assert torch.equal(tophash(acts, None, mu, perm, 30), tophash_reference(acts, full, mu, perm, 30))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_tophash_equals_reference_chain(dtype):
     acts = torch.randn(3, 6, 100).to(dtype)
@@ -111,6 +119,15 @@ def test_triton_tophash_without_mu_empty_window_and_given_inverse(triton_backend
     assert torch.equal(got, tophash_reference(acts, window, None, perm, 50))
 
 
+def test_triton_tophash_without_window(triton_backend):
+    """No window: the kernel weighs every token 1, the same arithmetic as an all-true window."""
+    acts, _, mu, perm = _exact_inputs(2, 5, 130, torch.float32, _device())
+    full = torch.ones(2, 5, dtype=torch.bool, device=acts.device)
+    got = tophash(acts, None, mu, perm, 40)
+    assert torch.equal(got, tophash(acts, full, mu, perm, 40))
+    assert torch.equal(got, tophash_reference(acts, None, mu, perm, 40))
+
+
 def test_triton_tophash_random_floats_keep_k_bits(triton_backend):
     acts = torch.randn(2, 7, 300, device=_device())
     window = torch.ones(2, 7, dtype=torch.bool, device=_device())
@@ -127,5 +144,6 @@ def test_triton_tophash_op_passes_opcheck(triton_backend):
     acts, window, mu, perm = _exact_inputs(2, 3, 70, torch.float32, _device())
     # The AOT-dispatch check runs the kernel on wrapper tensors, which the interpreter cannot read.
     utils = None if torch.cuda.is_available() else ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.memoir.tophash_triton.default, (acts, window, mu, inverse_permutation(perm), 20),
-                          test_utils=utils)
+    for given in (window, None):
+        torch.library.opcheck(torch.ops.memoir.tophash_triton.default, (acts, given, mu, inverse_permutation(perm), 20),
+                              test_utils=utils)

@@ -32,11 +32,12 @@ SCRIPT = textwrap.dedent('''
                                 options={"num_warps": num_warps})
         assert kernel.metadata.shared <= SMEM_LIMIT, (fn.__name__, kernel.metadata.shared)
 
-    build(tophash._tophash_kernel,
-          {"acts_ptr": "*bf16", "acts_batch_stride": "i32", "acts_token_stride": "i32", "window_ptr": "*i1",
-           "mu_ptr": "*fp32", "inv_perm_ptr": "*i64", "scratch_ptr": "*i32", "out_ptr": "*i64", "tokens": "i32",
-           "dim": "i32", "words": "i32", "k": "i32"},
-          {"HAS_MU": True, "BLOCK_D": 16384, "BLOCK_WORDS": 16}, num_warps=8)
+    for has_window in (True, False):
+        build(tophash._tophash_kernel,
+              {"acts_ptr": "*bf16", "acts_batch_stride": "i32", "acts_token_stride": "i32", "window_ptr": "*i1",
+               "mu_ptr": "*fp32", "inv_perm_ptr": "*i64", "scratch_ptr": "*i32", "out_ptr": "*i64", "tokens": "i32",
+               "dim": "i32", "words": "i32", "k": "i32"},
+              {"HAS_WINDOW": has_window, "HAS_MU": True, "BLOCK_D": 16384, "BLOCK_WORDS": 16}, num_warps=8)
     common = {"a_ptr": "*bf16", "w_ptr": "*bf16", "mem_ptr": "*fp32", "rows_ptr": "*i64", "bits_ptr": "*i64",
               "slot_ptr": "*i64", "gate_ptr": "*i1", "bias_ptr": "*bf16", "base_ptr": "*bf16", "out_ptr": "*bf16",
               "per_row": "i32", "min_overlap": "i32"}
