@@ -4,8 +4,8 @@
 
 The model is chosen by ``MEMOIR_BENCH_MODEL``: ``smollm2`` (default; the bundled SmolLM2-135M,
 CPU or GPU), ``llama3-8b`` (LLaMA-3-8B's shapes with random bf16 weights, for a GPU) or ``tiny``.
-Both paths run exactly ``MEMOIR_BENCH_STEPS`` SGD steps per edit (early stop off) on the same
-ZsRE records, so the time per step is what differs. The plain recipe is the baseline; the
+Both paths run exactly ``MEMOIR_BENCH_STEPS`` SGD steps per edit (default 30, the recipe's
+maximum; early stop off) on the same ZsRE records, so the time per step is what differs. The plain recipe is the baseline; the
 speed-up is written into the fast case's ``extra_info``.
 """
 
@@ -20,7 +20,7 @@ import memoir
 from memoir import MemoirConfig
 
 MODEL = os.environ.get("MEMOIR_BENCH_MODEL", "smollm2")
-STEPS = int(os.environ.get("MEMOIR_BENCH_STEPS", "10"))
+STEPS = int(os.environ.get("MEMOIR_BENCH_STEPS", "30"))
 RECORDS = int(os.environ.get("MEMOIR_BENCH_RECORDS", "3"))
 _seconds: dict[str, float] = {}
 

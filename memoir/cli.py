@@ -25,25 +25,31 @@ def _default_data() -> str:
     return str(DEFAULT_DATA)
 
 
-def _load_model(name: str):
+_MODEL_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def _load_model(name: str, dtype: str | None = None):
+    import torch
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
     if name != "smollm2":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, **({"dtype": torch_dtype} if torch_dtype else {}))
         tokenizer = AutoTokenizer.from_pretrained(name)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         return model.eval(), tokenizer
     from .models import load_smollm2
 
-    return load_smollm2()
+    return load_smollm2(torch_dtype)
 
 
 def _config_from_args(args):
     from .config import MemoirConfig
 
     changes = {key: getattr(args, key) for key in ("target_module", "top_k", "irr_threshold", "n_iter", "lr",
-                                                     "weight_decay", "decay_scope", "key_aggregation")
+                                                     "weight_decay", "decay_scope", "key_aggregation", "memory_dtype")
                if getattr(args, key) is not None}
     if args.no_fast_edit:
         changes["fast_edit"] = False
@@ -83,7 +89,7 @@ def cmd_eval(args) -> int:
     records = load_zsre(args.data)
     edits, skipped = edit_records(records, args.edits)
     loc_records = load_zsre(args.loc_data) if args.loc_data else records[1000:2000]
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = _load_model(args.model, args.dtype)
     editor = load(model, tokenizer, args.load_memory) if args.load_memory else attach(model, tokenizer,
                                                                                        _config_from_args(args))
     if args.load_memory and args.irr_threshold is not None:
@@ -168,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weight-decay", type=float, default=None)
     ev.add_argument("--decay-scope", choices=("all", "masked"), default=None)
     ev.add_argument("--key-aggregation", choices=("mean_decentered", "mean", "last"), default=None)
+    ev.add_argument("--dtype", choices=_MODEL_DTYPES, default=None,
+                    help="load the model in this dtype (float64 with --memory-dtype float64 compares editing "
+                         "paths without float32 rounding)")
+    ev.add_argument("--memory-dtype", choices=("float32", "float64", "bfloat16", "float16"), default=None)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 

@@ -13,7 +13,7 @@ __all__ = ["MemoirConfig", "CONFIG_FORMAT_VERSION", "KEY_AGGREGATIONS", "DECAY_S
 CONFIG_FORMAT_VERSION = 1
 KEY_AGGREGATIONS = ("mean_decentered", "mean", "last")
 DECAY_SCOPES = ("all", "masked")
-MEMORY_DTYPES = ("float32", "bfloat16", "float16")
+MEMORY_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass

@@ -52,23 +52,26 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Te
         hidden: ``[n, d]`` final-norm outputs at the positions that predict a target token.
         head: the model's output projection (weight ``[V, d]``, optional bias ``[V]``); frozen.
         labels: ``[n]`` int64 target token ids.
-        token_weights: ``[n]`` float32 weight of each token's cross-entropy.
-        workspace: optional float32 ``[n, V]`` buffer, overwritten; pass the same one on every
-            iteration to avoid allocating it each time.
+        token_weights: ``[n]`` weight of each token's cross-entropy, in the workspace's dtype.
+        workspace: optional ``[n, V]`` buffer, overwritten; its dtype is the loss's (default
+            float32, or ``hidden``'s when wider); pass the same one on every iteration to avoid
+            allocating it each time.
 
     Returns:
-        A scalar float32 loss, equal (up to float rounding) to the same sum over
+        A scalar loss in the workspace's dtype, equal (up to float rounding) to the same sum over
         ``torch.nn.functional.cross_entropy(head(hidden), labels, reduction="none")``.
     """
     if workspace is None:
-        workspace = hidden.new_empty((hidden.shape[0], head.weight.shape[0]), dtype=torch.float32)
+        workspace = hidden.new_empty((hidden.shape[0], head.weight.shape[0]),
+                                     dtype=torch.promote_types(hidden.dtype, torch.float32))
     return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, token_weights, workspace)
 
 
-def row_mean_weights(rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+def row_mean_weights(rows: torch.Tensor, num_rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[n]`` weights turning a weighted token sum into the mean over rows of each row's mean.
 
     ``rows[i]`` is the batch row of token ``i``; a row without tokens contributes zero to the mean.
     """
-    counts = torch.zeros(num_rows, device=rows.device).index_add(0, rows, torch.ones(len(rows), device=rows.device))
+    ones = torch.ones(len(rows), dtype=dtype, device=rows.device)
+    counts = ones.new_zeros(num_rows).index_add(0, rows, ones)
     return 1.0 / (counts[rows] * num_rows)

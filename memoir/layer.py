@@ -29,7 +29,7 @@ from memoir_kernels import (
 
 __all__ = ["MemoirLayer", "RouteDecision", "CallContext", "layer_dims"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class StopForward(Exception):

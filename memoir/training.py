@@ -125,11 +125,16 @@ def build_edit_batch(tokenizer, prompt: str, target: str, prefixes: list[str]) -
     return batch_prompt_target(tokenizer, prompts, [target] * len(prompts))
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The loss is computed in float32, or in the model's dtype when that is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _mean_row_loss(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Mean over rows of each row's mean target cross-entropy (``logits [n, V]`` for ``n`` targets)."""
-    token_loss = F.cross_entropy(logits.float(), labels, reduction="none")
-    per_row = torch.zeros(num_rows, device=logits.device).index_add(0, rows, token_loss)
-    counts = torch.zeros(num_rows, device=logits.device).index_add(0, rows, torch.ones_like(token_loss))
+    token_loss = F.cross_entropy(logits.to(loss_dtype(logits.dtype)), labels, reduction="none")
+    per_row = token_loss.new_zeros(num_rows).index_add(0, rows, token_loss)
+    counts = token_loss.new_zeros(num_rows).index_add(0, rows, torch.ones_like(token_loss))
     return (per_row / counts.clamp_min(1.0)).mean()
 
 
@@ -175,7 +180,7 @@ class _FastLoss(_PlainLoss):
 
         self.masks = unpack_bits(layer.train_bits, layer.in_features)
         self.needed_tokens, self.loss_tokens = self._token_selection()
-        self.token_weights = row_mean_weights(self.rows, batch.input_ids.shape[0])
+        self.token_weights = row_mean_weights(self.rows, batch.input_ids.shape[0], loss_dtype(self.acts.dtype))
         self.logits_buffer: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -231,8 +236,9 @@ class _FastLoss(_PlainLoss):
         if isinstance(self.stack.head, nn.Linear):
             if self.logits_buffer is None:
                 self.logits_buffer = selected.new_empty((len(self.labels), self.stack.head.weight.shape[0]),
-                                                        dtype=torch.float32)
-            return linear_cross_entropy(selected, self.stack.head, self.labels, self.token_weights, self.logits_buffer)
+                                                        dtype=loss_dtype(selected.dtype))
+            return linear_cross_entropy(selected, self.stack.head, self.labels, self.token_weights,
+                                        self.logits_buffer)
         return _mean_row_loss(self.stack.head(selected), self.labels, self.rows, self.batch.input_ids.shape[0])
 
 

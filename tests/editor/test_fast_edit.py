@@ -128,3 +128,22 @@ def test_context_prefixes_are_generated_once_per_model(char_tokenizer, monkeypat
     third = memoir.attach(other_model, char_tokenizer, tiny_config(n_iter=10))
     with pytest.raises(AssertionError, match="from the cache"):
         third.ensure_context_prefixes()  # another model: not served from the first one's cache
+
+
+def test_float64_fast_path_equals_the_plain_recipe_to_float64_rounding(char_tokenizer):
+    """In float64 (model and memory) the two paths agree far below the 1e-4 the issue asks; the
+    float32 runs differ only by rounding that 30 SGD steps amplify."""
+    results = {}
+    for fast in (True, False):
+        model = tiny_model("llama", vocab_size=len(char_tokenizer)).double()
+        paths = architecture_of(model)
+        config = tiny_config(fast_edit=fast, n_iter=20, memory_dtype="float64",
+                             target_module=f"{paths.blocks}.1.{paths.mlp_out}")
+        editor = memoir.attach(model, char_tokenizer, config)
+        editor.fit_background(UNRELATED)
+        results[fast] = ([editor.edit(p, t).losses for p, t in EDITS], editor.layer.memory.clone())
+        assert editor.layer.memory.dtype == torch.float64
+    for fast_losses, plain_losses in zip(results[True][0], results[False][0], strict=True):
+        a, b = torch.tensor(fast_losses, dtype=torch.float64), torch.tensor(plain_losses, dtype=torch.float64)
+        assert ((a - b).abs() / b.abs()).max().item() <= 1e-9
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-9, atol=1e-12)
