@@ -111,8 +111,9 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
 
     ``points`` are edit counts (< len(records)) at which the edits made so far are also scored
     while the run goes on (Rel/Gen/Loc as edits accumulate, in ``report["curve"]``). With
-    ``checkpoint_dir`` the edits are checkpointed there and a rerun resumes from it (points
-    scored before the interruption are not in the resumed run's curve).
+    ``checkpoint_dir`` the edits are checkpointed there and a rerun resumes from it; the curve
+    points scored so far are kept beside the checkpoint (``curve.json``) and carried into the
+    resumed run's report.
 
     Returns the report dict: ``rel``, ``gen``, ``loc``, ``avg``, ``pre_rel``, ``pre_gen``,
     ``edits``, ``sec_per_edit``, ``overlap_edit``, ``overlap_rephrase``, ``overlap_unrelated``,
@@ -133,12 +134,15 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
             editor.fit_background(background[: editor.config.num_background])
         requests = [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
         wanted = {p for p in points if 0 < p < len(records)}
-        curve = []
+        curve_file = Path(checkpoint_dir) / "curve.json" if checkpoint_dir is not None else None
+        curve = _read_curve(curve_file)
 
         def score_point(done: int) -> None:
             if done in wanted:
+                curve[:] = [p for p in curve if p["edits"] != done]
                 curve.append(_score_prefix(editor, prompts, targets, rephrases, locs, loc_answers,
                                            loc_before.predictions, done))
+                _write_curve(curve_file, curve)
 
         results = editor.edit_many(requests, progress=progress, checkpoint_dir=checkpoint_dir,
                                    checkpoint_every=checkpoint_every, on_edit=score_point)
@@ -185,9 +189,30 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
         },
     }
     report["avg"] = (report["rel"] + report["gen"] + report["loc"]) / 3
-    report["curve"] = curve + [{key: report[key] for key in ("edits", "rel", "gen", "loc")}]
+    final_point = {key: report[key] for key in ("edits", "rel", "gen", "loc")}
+    report["curve"] = sorted(curve, key=lambda p: p["edits"]) + [final_point]
     report["_loc_before"] = loc_before.predictions
     return report
+
+
+def _read_curve(path: Path | None) -> list[dict]:
+    """Curve points saved beside a checkpoint by an earlier, interrupted run (none if unreadable)."""
+    if path is None or not path.is_file():
+        return []
+    try:
+        points = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return []
+    return [p for p in points if isinstance(p, dict) and "edits" in p] if isinstance(points, list) else []
+
+
+def _write_curve(path: Path | None, curve: list[dict]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(sorted(curve, key=lambda p: p["edits"])), encoding="utf-8")
+    tmp.replace(path)
 
 
 def sweep_thresholds(editor, records: list[dict], report: dict,

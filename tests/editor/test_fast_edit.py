@@ -147,3 +147,31 @@ def test_float64_fast_path_equals_the_plain_recipe_to_float64_rounding(char_toke
         a, b = torch.tensor(fast_losses, dtype=torch.float64), torch.tensor(plain_losses, dtype=torch.float64)
         assert ((a - b).abs() / b.abs()).max().item() <= 1e-9
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-9, atol=1e-12)
+
+
+def test_interrupted_evaluation_keeps_its_curve_points(char_tokenizer, tmp_path):
+    """A resumed `eval --checkpoint` run reports the curve points scored before the interruption."""
+    from memoir.evaluation import evaluate_sequential
+
+    records = [{"src": r["prompt"], "alt": r["target"], "rephrase": r["prompt"] + "?", "loc": u, "loc_ans": "x"}
+               for r, u in zip(REQUESTS, UNRELATED + ["Nothing here"], strict=True)]
+    expected = evaluate_sequential(_stream_editor(char_tokenizer), records, UNRELATED, progress=False,
+                                   points=[1, 2, 3])
+
+    interrupted = _stream_editor(char_tokenizer)
+    real_edit = interrupted.edit
+
+    def edit_then_stop(*args, **kwargs):
+        if interrupted.num_edits == 3:
+            raise _Interrupt
+        return real_edit(*args, **kwargs)
+
+    interrupted.edit = edit_then_stop
+    with pytest.raises(_Interrupt):
+        evaluate_sequential(interrupted, records, UNRELATED, progress=False, points=[1, 2, 3],
+                            checkpoint_dir=tmp_path, checkpoint_every=1)
+    resumed = evaluate_sequential(_stream_editor(char_tokenizer), records, UNRELATED, progress=False,
+                                  points=[1, 2, 3], checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert [p["edits"] for p in resumed["curve"]] == [1, 2, 3, 4]
+    assert resumed["curve"] == expected["curve"]
+    assert resumed["rel"] == expected["rel"] and resumed["loc"] == expected["loc"]
