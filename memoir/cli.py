@@ -141,6 +141,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import DECAY_SCOPES, KEY_AGGREGATIONS, MEMORY_DTYPES
+
     parser = argparse.ArgumentParser(prog="python -m memoir", description="MEMOIR lifelong model editing")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -172,12 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-iter", type=int, default=None)
     ev.add_argument("--lr", type=float, default=None)
     ev.add_argument("--weight-decay", type=float, default=None)
-    ev.add_argument("--decay-scope", choices=("all", "masked"), default=None)
-    ev.add_argument("--key-aggregation", choices=("mean_decentered", "mean", "last"), default=None)
+    ev.add_argument("--decay-scope", choices=DECAY_SCOPES, default=None)
+    ev.add_argument("--key-aggregation", choices=KEY_AGGREGATIONS, default=None)
     ev.add_argument("--dtype", choices=_MODEL_DTYPES, default=None,
                     help="load the model in this dtype (float64 with --memory-dtype float64 compares editing "
                          "paths without float32 rounding)")
-    ev.add_argument("--memory-dtype", choices=("float32", "float64", "bfloat16", "float16"), default=None)
+    ev.add_argument("--memory-dtype", choices=MEMORY_DTYPES, default=None)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 

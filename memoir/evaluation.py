@@ -211,7 +211,7 @@ def _write_curve(path: Path | None, curve: list[dict]) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(sorted(curve, key=lambda p: p["edits"])), encoding="utf-8")
+    tmp.write_text(json.dumps(curve), encoding="utf-8")
     tmp.replace(path)
 
 

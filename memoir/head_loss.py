@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["linear_cross_entropy", "row_mean_weights"]
+__all__ = ["linear_cross_entropy", "row_mean_weights", "loss_dtype"]
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The edit loss is computed in float32, or in the model's dtype when that is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -62,8 +67,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Te
         ``torch.nn.functional.cross_entropy(head(hidden), labels, reduction="none")``.
     """
     if workspace is None:
-        workspace = hidden.new_empty((hidden.shape[0], head.weight.shape[0]),
-                                     dtype=torch.promote_types(hidden.dtype, torch.float32))
+        workspace = hidden.new_empty((hidden.shape[0], head.weight.shape[0]), dtype=loss_dtype(hidden.dtype))
     return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, token_weights, workspace)
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MemoirConfig
-from .head_loss import linear_cross_entropy, row_mean_weights
+from .head_loss import linear_cross_entropy, loss_dtype, row_mean_weights
 from .layer import CallContext, MemoirLayer
 from .tokens import TokenBatch, batch_prompt_target
 
@@ -123,11 +123,6 @@ def build_edit_batch(tokenizer, prompt: str, target: str, prefixes: list[str]) -
     """Row 0: ``prompt + ' ' + target``; then one row per context prefix, ``prefix + ' ' + row 0``."""
     prompts = [prompt] + [f"{prefix} {prompt}" for prefix in prefixes]
     return batch_prompt_target(tokenizer, prompts, [target] * len(prompts))
-
-
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The loss is computed in float32, or in the model's dtype when that is wider (float64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _mean_row_loss(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
