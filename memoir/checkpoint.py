@@ -10,17 +10,54 @@ resumed memory ends bit for bit where an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import signal
+import threading
 from pathlib import Path
 
 from .persistence import MEMORY_FILE, read_metadata, restore_into, save_editor
 from .training import EditResult
 
-__all__ = ["stream_digest", "read_progress", "write_checkpoint", "resume_stream"]
+__all__ = ["StreamTerminated", "stream_digest", "read_progress", "write_checkpoint", "resume_stream",
+           "terminate_as_interrupt"]
 
 _PROGRESS_KEY = "stream_progress"
+
+
+class StreamTerminated(KeyboardInterrupt):
+    """A stream of edits stopped by SIGTERM; its completed edits were checkpointed on the way out."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Within the block, SIGTERM stops the work the way Ctrl-C does (raises :class:`StreamTerminated`).
+
+    Job schedulers, ``kill`` and container shutdowns send SIGTERM, whose default action ends the
+    process at once, skipping the ``finally`` that saves the last edits; and a process started with
+    ``nohup`` from a script ignores SIGINT, so SIGTERM is the only way to stop it. Only the first
+    SIGTERM raises: later ones are ignored until the block exits, so they cannot cut short the
+    checkpoint written on the way out. Outside the main thread signals cannot be handled; nothing
+    changes there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def on_sigterm(signum, frame):
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise StreamTerminated("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stream_digest(pairs: list[tuple[str, str]]) -> str:

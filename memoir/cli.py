@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -192,7 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .checkpoint import StreamTerminated
+
+    try:
+        return args.func(args)
+    except StreamTerminated:
+        # The edits done were checkpointed on the way out (edit_many); 128 + SIGTERM, as a shell reports it.
+        where = getattr(args, "checkpoint", None)
+        hint = f"; rerun the same command to resume from {where}" if where else ""
+        print(f"memoir: stopped by SIGTERM{hint}", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .architectures import Architecture, architecture_of, get_submodule, resolve_config
-from .checkpoint import resume_stream, write_checkpoint
+from .checkpoint import resume_stream, terminate_as_interrupt, write_checkpoint
 from .config import MemoirConfig
 from .layer import MemoirLayer, StopForward
 from .routing import RoutingState
@@ -281,8 +281,8 @@ class MemoirEditor:
             progress: show a tqdm bar (edits per second, last loss, stored masks) and a summary.
             background: irrelevant sentences for the background mean (overrides the requests').
             checkpoint_dir: save the memory and the stream's progress here every
-                ``checkpoint_every`` edits, at the end, and when the run is interrupted (Ctrl-C or
-                an error). Calling again with the same requests resumes from it: the memory is
+                ``checkpoint_every`` edits, at the end, and when the run is interrupted (Ctrl-C,
+                SIGTERM - raised as :class:`~memoir.checkpoint.StreamTerminated` - or an error). Calling again with the same requests resumes from it: the memory is
                 restored and the requests already done are skipped, so nothing is lost or repeated.
             checkpoint_every: edits between checkpoints.
             on_edit: called with the number of requests done after each edit (e.g. to score the
@@ -307,23 +307,25 @@ class MemoirEditor:
 
         bar = tqdm(total=len(pairs), initial=done, desc="MEMOIR edits", unit="edit", disable=not progress)
         saved_at = done
-        try:
-            for prompt, target in pairs[done:]:
-                results.append(self.edit(prompt, target))
-                done += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{results[-1].final_loss:.3f}", masks=self.layer.num_masks)
-                if checkpoint_dir is not None and done - saved_at >= checkpoint_every:
+        stop_on_sigterm = terminate_as_interrupt() if checkpoint_dir is not None else contextlib.nullcontext()
+        with stop_on_sigterm:
+            try:
+                for prompt, target in pairs[done:]:
+                    results.append(self.edit(prompt, target))
+                    done += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{results[-1].final_loss:.3f}", masks=self.layer.num_masks)
+                    if checkpoint_dir is not None and done - saved_at >= checkpoint_every:
+                        write_checkpoint(self, checkpoint_dir, pairs, done, results)
+                        saved_at = done
+                    if on_edit is not None:
+                        on_edit(done)
+            finally:
+                bar.close()
+                # Also on Ctrl-C, SIGTERM or an error: every completed edit is kept (an edit in
+                # progress was rolled back by edit() and is redone on resume).
+                if checkpoint_dir is not None and done > saved_at:
                     write_checkpoint(self, checkpoint_dir, pairs, done, results)
-                    saved_at = done
-                if on_edit is not None:
-                    on_edit(done)
-        finally:
-            bar.close()
-            # Also on Ctrl-C or an error: every completed edit is kept (an edit in progress was
-            # rolled back by edit() and is redone on resume).
-            if checkpoint_dir is not None and done > saved_at:
-                write_checkpoint(self, checkpoint_dir, pairs, done, results)
         if progress:
             print(summarise(results), file=sys.stderr)
         return results

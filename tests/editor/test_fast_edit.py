@@ -1,11 +1,13 @@
 """Fast editing path vs the plain recipe, checkpointed streams, cached context prefixes."""
 
+import signal
+
 import pytest
 import torch
 
 import memoir
 from memoir.architectures import architecture_of
-from memoir.checkpoint import read_progress
+from memoir.checkpoint import StreamTerminated, read_progress
 from memoir.models import TINY_ARCHITECTURES, tiny_model
 
 from .helpers import EDITS, UNRELATED, tiny_config
@@ -88,6 +90,40 @@ def test_interrupted_stream_resumes_to_the_same_memory(char_tokenizer, tmp_path)
     again = _stream_editor(char_tokenizer)  # rerunning a finished stream edits nothing
     assert len(again.edit_many(REQUESTS, progress=False, checkpoint_dir=tmp_path, on_edit=pytest.fail)) == 4
     assert torch.equal(again.layer.memory, whole.layer.memory)
+
+
+def test_sigterm_stops_a_stream_with_its_edits_checkpointed(char_tokenizer, tmp_path):
+    """`kill` (SIGTERM) mid-stream acts like Ctrl-C: completed edits saved, handler restored after."""
+    whole = _stream_editor(char_tokenizer)
+    expected = whole.edit_many(REQUESTS, progress=False)
+    handler_before = signal.getsignal(signal.SIGTERM)
+
+    def terminate_after_one(done):
+        if done == 1:
+            signal.raise_signal(signal.SIGTERM)  # delivered to this (main) thread, between two edits
+
+    first = _stream_editor(char_tokenizer)
+    with pytest.raises(StreamTerminated):
+        first.edit_many(REQUESTS, progress=False, checkpoint_dir=tmp_path, checkpoint_every=5,
+                        on_edit=terminate_after_one)
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+    assert read_progress(tmp_path)["done"] == 1
+
+    resumed = _stream_editor(char_tokenizer)
+    resumed.edit_many(REQUESTS, progress=False, checkpoint_dir=tmp_path)
+    assert torch.equal(resumed.layer.memory, whole.layer.memory)
+    assert [r.losses for r in resumed.history] == [r.losses for r in expected[1:]]
+
+
+def test_eval_stopped_by_sigterm_exits_143_with_a_resume_hint(monkeypatch, capsys, tmp_path):
+    import memoir.cli
+
+    def stopped(args):
+        raise StreamTerminated("stopped by SIGTERM")
+
+    monkeypatch.setattr(memoir.cli, "cmd_eval", stopped)
+    assert memoir.cli.main(["eval", "--checkpoint", str(tmp_path)]) == 128 + signal.SIGTERM
+    assert f"rerun the same command to resume from {tmp_path}" in capsys.readouterr().err
 
 
 def test_checkpoint_of_another_stream_is_refused(char_tokenizer, tmp_path):
