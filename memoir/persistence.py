@@ -72,10 +72,19 @@ def _atomic_write(final: Path, write) -> None:
     os.close(handle)
     try:
         write(tmp)
+        # mkstemp creates 0600 files; a saved memory gets the permissions of any file the user writes.
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _new_file_mode() -> int:
+    """Permissions ``open(path, "w")`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _read(path: Path):

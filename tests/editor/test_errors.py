@@ -129,3 +129,16 @@ def test_detached_editor_refuses_work(editor):
     editor.detach()
     with pytest.raises(RuntimeError, match="detached"):
         editor.edit("a", "b")
+
+
+def test_saved_files_get_the_umask_permissions_not_mkstemps_0600(editor, tmp_path):
+    """Files written through a temporary file must not end up private to the user."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        editor.save(tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("memoir_config.json", "memoir_memory.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
