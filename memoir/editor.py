@@ -282,8 +282,9 @@ class MemoirEditor:
             background: irrelevant sentences for the background mean (overrides the requests').
             checkpoint_dir: save the memory and the stream's progress here every
                 ``checkpoint_every`` edits, at the end, and when the run is interrupted (Ctrl-C,
-                SIGTERM - raised as :class:`~memoir.checkpoint.StreamTerminated` - or an error). Calling again with the same requests resumes from it: the memory is
-                restored and the requests already done are skipped, so nothing is lost or repeated.
+                SIGTERM - raised as :class:`~memoir.checkpoint.StreamTerminated` - or an error).
+                Calling again with the same requests resumes from it: the memory is restored and
+                the requests already done are skipped, so nothing is lost or repeated.
             checkpoint_every: edits between checkpoints.
             on_edit: called with the number of requests done after each edit (e.g. to score the
                 memory at points of the run).
