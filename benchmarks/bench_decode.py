@@ -34,8 +34,14 @@ def _model():
     if "model" not in _models:
         torch.manual_seed(0)
         config = LlamaConfig(**SHAPE, max_position_embeddings=256)
-        dtype = torch.bfloat16 if CUDA else torch.float32
-        model = LlamaForCausalLM(config).to(dtype=dtype, device="cuda" if CUDA else "cpu").eval()
+        # Built in place: an 8B model initialised in fp32 on the host first would need 32 GB and minutes.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16 if CUDA else torch.float32)
+        try:
+            with torch.device("cuda" if CUDA else "cpu"):
+                model = LlamaForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
         _models["model"] = model
     return _models["model"]
 

@@ -51,7 +51,8 @@ def test_cpu_kernel(benchmark, record, n, batch):
     query, bank = _data(n, batch)
     benchmark.group = f"mask_search cpu N={n} B={batch}"
     benchmark(torch.ops.memoir.mask_search, query, bank)
-    record(bank=n, batch=batch, impl="memoir C++", gb_per_s=_bandwidth(bank, benchmark.stats.stats.median))
+    record(bank=n, batch=batch, impl="memoir C++", popcount=torch.ops.memoir.cpu_popcount(),
+           gb_per_s=_bandwidth(bank, benchmark.stats.stats.median))
 
 
 @pytest.mark.parametrize("batch", [1, 64])

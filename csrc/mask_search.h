@@ -18,6 +18,14 @@ extern "C" {
 void memoir_mask_search_cpu(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
                             int64_t words, int64_t* index, int32_t* overlap, int num_threads);
 
+// Popcount variants of the CPU kernel, fastest last; the kernel uses the fastest this CPU runs.
+enum { MEMOIR_POPCOUNT_SCALAR = 0, MEMOIR_POPCOUNT_POPCNT = 1, MEMOIR_POPCOUNT_AVX2 = 2, MEMOIR_POPCOUNT_AVX512 = 3 };
+// popcount(query AND mask) over `words` words with one variant (for tests), or -1 when this CPU
+// cannot run it.
+int32_t memoir_overlap_variant(int variant, const int64_t* query, const int64_t* mask, int64_t words);
+// The variant memoir_mask_search_cpu uses on this CPU.
+int memoir_overlap_variant_in_use(void);
+
 // CUDA kernel (csrc/mask_search_cuda.cu), one launch on `stream`. `partial` is scratch of partial_blocks * batch uint64 words;
 // take partial_blocks from memoir_mask_search_partial_blocks. Returns the cudaError_t of the launch.
 int memoir_mask_search_partial_blocks(int64_t batch, int64_t num_masks);

@@ -4,6 +4,8 @@
 
 #include "mask_search.h"
 
+#include <string>
+
 #ifdef MEMOIR_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -74,11 +76,22 @@ bool has_cuda() {
 #endif
 }
 
+// Which popcount the CPU search picked on this machine (benchmarks record it next to their timings).
+std::string cpu_popcount() {
+  switch (memoir_overlap_variant_in_use()) {
+    case MEMOIR_POPCOUNT_AVX512: return "avx512-vpopcntdq";
+    case MEMOIR_POPCOUNT_AVX2: return "avx2";
+    case MEMOIR_POPCOUNT_POPCNT: return "popcnt";
+    default: return "scalar";
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(memoir, m) {
   m.def("mask_search(Tensor query, Tensor bank) -> (Tensor, Tensor)");
   m.def("has_cuda() -> bool", &has_cuda);
+  m.def("cpu_popcount() -> str", &cpu_popcount);
 }
 
 TORCH_LIBRARY_IMPL(memoir, CPU, m) { m.impl("mask_search", &mask_search_cpu); }

@@ -26,9 +26,41 @@ static int brute_force(const std::vector<int64_t>& q, const std::vector<int64_t>
   return best < 0 ? 0 : best;
 }
 
+static int popcount_and(const int64_t* q, const int64_t* m, int64_t words) {
+  int count = 0;
+  for (int64_t w = 0; w < words; ++w)
+    for (uint64_t x = static_cast<uint64_t>(q[w] & m[w]); x; x &= x - 1) ++count;
+  return count;
+}
+
+// Every popcount variant this CPU runs, on every length that exercises its unrolled loop and its
+// tail (0-40 words, and 224 = D 14336), from an offset that leaves the rows unaligned.
+static int check_variants(std::mt19937_64& rng) {
+  int failures = 0;
+  std::vector<int64_t> q(241), m(241);
+  for (auto& w : q) w = static_cast<int64_t>(rng());
+  for (auto& w : m) w = static_cast<int64_t>(rng());
+  for (int variant = MEMOIR_POPCOUNT_SCALAR; variant <= MEMOIR_POPCOUNT_AVX512; ++variant) {
+    if (memoir_overlap_variant(variant, q.data(), m.data(), 1) < 0) {
+      std::printf("popcount variant %d: not supported by this CPU\n", variant);
+      continue;
+    }
+    for (int64_t words = 0; words <= 224; words += words < 40 ? 1 : 184) {
+      const int got = memoir_overlap_variant(variant, q.data() + 1, m.data() + 1, words);
+      const int want = popcount_and(q.data() + 1, m.data() + 1, words);
+      if (got != want) {
+        std::printf("popcount variant %d, %lld words: got %d want %d\n", variant, (long long)words, got, want);
+        ++failures;
+      }
+    }
+  }
+  std::printf("popcount variant in use: %d\n", memoir_overlap_variant_in_use());
+  return failures;
+}
+
 int main() {
   std::mt19937_64 rng(7);
-  int failures = 0;
+  int failures = check_variants(rng);
   const int64_t words = 3;  // 192 bits: sparse enough that ties happen
   for (int64_t n : {0, 1, 5, 64, 1000}) {
     std::vector<int64_t> bank(static_cast<std::size_t>(n * words));
