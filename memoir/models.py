@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 __all__ = ["cache_root", "load_smollm2", "smollm2_cache_dir", "tiny_model", "TINY_ARCHITECTURES"]
@@ -35,32 +37,73 @@ def load_smollm2(dtype=None):
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, converted once to a cached safetensors copy.
 
     The GGUF file is dequantised to fp32 on first use (about 12 s); later loads take under a second.
+    Several processes may start at once on a fresh machine: each converts into its own directory
+    and the first to finish publishes it (see :func:`_publish_directory`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = smollm2_cache_dir()
     if not (cache / "config.json").is_file():
-        source = _gguf_dir()
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
-        # The weights are already dequantised; drop the GGUF quantizer so they save as plain fp32.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        if hasattr(model, "is_quantized"):
-            model.is_quantized = False
-        tmp = cache.with_name(cache.name + ".tmp")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if not cache.exists():
-            tmp.replace(cache)
+        _convert_smollm2(cache)
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(cache)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _convert_smollm2(cache: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _gguf_dir()
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+    # The weights are already dequantised; drop the GGUF quantizer so they save as plain fp32.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    _publish_directory(cache, write, complete_marker="config.json")
+
+
+def _publish_directory(final: Path, write, complete_marker: str) -> None:
+    """Create directory ``final`` by ``write(private_directory)`` then one rename.
+
+    Concurrent callers each write a private sibling directory; the first rename wins and the others
+    discard their copy, so no reader ever sees a half-written ``final``. A leftover ``final`` without
+    ``complete_marker`` (a crash before this scheme) is replaced.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        os.chmod(private, 0o777 & ~_umask())  # mkdtemp makes it 0700; a cache follows the umask
+        write(private)
+        for _ in range(2):
+            try:
+                private.rename(final)  # atomic; fails when final exists and is not empty
+                return
+            except OSError:
+                if (final / complete_marker).is_file():
+                    return  # another process published first
+                shutil.rmtree(final, ignore_errors=True)  # incomplete leftover: replace it once
+        raise RuntimeError(f"could not publish {final}: it keeps reappearing without {complete_marker}")
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gptj", "gpt_neox", "gpt2")
