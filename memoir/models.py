@@ -82,10 +82,12 @@ def _publish_directory(final: Path, write, complete_marker: str) -> None:
     discard their copy, so no reader ever sees a half-written ``final``. A leftover ``final`` without
     ``complete_marker`` (a crash before this scheme) is replaced.
     """
+    from .persistence import current_umask
+
     final.parent.mkdir(parents=True, exist_ok=True)
     private = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        os.chmod(private, 0o777 & ~_umask())  # mkdtemp makes it 0700; a cache follows the umask
+        os.chmod(private, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a cache follows the umask
         write(private)
         for _ in range(2):
             try:
@@ -98,12 +100,6 @@ def _publish_directory(final: Path, write, complete_marker: str) -> None:
         raise RuntimeError(f"could not publish {final}: it keeps reappearing without {complete_marker}")
     finally:
         shutil.rmtree(private, ignore_errors=True)
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "gptj", "gpt_neox", "gpt2")

@@ -82,9 +82,14 @@ def _atomic_write(final: Path, write) -> None:
 
 def _new_file_mode() -> int:
     """Permissions ``open(path, "w")`` would give a new file under the current umask."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 def _read(path: Path):
