@@ -6,7 +6,8 @@ down projection alone and vs the PyTorch reference, at 1, 16 and 2048 tokens.
 On GPU: bf16 activations and W0, W_m in bf16 (``memory_dtype="bfloat16"``: half the bytes of the
 fp32 default, which matters at 1 token where the layer is bandwidth-bound). The Triton cases run with
 the base output given (the edited layer's path) and with the base product fused in. On CPU (fp32,
-reference only) 2048 tokens is skipped. GB/s counts W0 plus the W_m rows the gated tokens need.
+reference only) 2048 tokens is skipped. GB/s counts W0 plus the W_m rows the gated tokens need; on
+GPU it comes from the device time (``device_s``, see benchmarks/conftest.py).
 """
 
 import pytest
@@ -43,27 +44,30 @@ def _gbps(weight, memory, seconds):
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
-def test_plain_down_proj(benchmark, record, sync, tokens):
+def test_plain_down_proj(benchmark, record, sync, device_time, tokens):
     a, weight, memory, *_ = _inputs(tokens)
     benchmark.group = f"down_proj T={tokens}"
     benchmark(sync(F.linear), a, weight)
-    record(impl="plain F.linear", tokens=tokens, gb_per_s=weight.numel() * weight.element_size()
-           / benchmark.stats.stats.median / 1e9)
+    device_s = device_time(F.linear, a, weight)
+    record(impl="plain F.linear", tokens=tokens, device_s=device_s, gb_per_s=weight.numel() * weight.element_size()
+           / (device_s or benchmark.stats.stats.median) / 1e9)
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
-def test_torch_reference(benchmark, record, sync, tokens):
+def test_torch_reference(benchmark, record, sync, device_time, tokens):
     a, weight, memory, rows, bits, gate = _inputs(tokens)
     benchmark.group = f"down_proj T={tokens}"
     benchmark.pedantic(sync(memoir_down_proj_reference), args=(a, weight, memory, rows, bits, gate),
                        rounds=5 if not CUDA else 30, warmup_rounds=1)
-    record(impl="torch reference", tokens=tokens, gb_per_s=_gbps(weight, memory, benchmark.stats.stats.median))
+    device_s = device_time(memoir_down_proj_reference, a, weight, memory, rows, bits, gate)
+    record(impl="torch reference", tokens=tokens, device_s=device_s,
+           gb_per_s=_gbps(weight, memory, device_s or benchmark.stats.stats.median))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter is not a benchmark)")
 @pytest.mark.parametrize("given_base", [True, False], ids=["base-given", "base-fused"])
 @pytest.mark.parametrize("tokens", TOKENS)
-def test_triton_kernel(benchmark, record, sync, monkeypatch, tokens, given_base):
+def test_triton_kernel(benchmark, record, sync, device_time, monkeypatch, tokens, given_base):
     monkeypatch.setenv("MEMOIR_BACKEND", "triton")
     a, weight, memory, rows, bits, gate = _inputs(tokens)
 
@@ -75,5 +79,6 @@ def test_triton_kernel(benchmark, record, sync, monkeypatch, tokens, given_base)
 
     benchmark.group = f"down_proj T={tokens}"
     benchmark(sync(edited))
-    record(impl=f"triton ({'base given' if given_base else 'base fused'})", tokens=tokens,
-           gb_per_s=_gbps(weight, memory, benchmark.stats.stats.median))
+    device_s = device_time(edited)
+    record(impl=f"triton ({'base given' if given_base else 'base fused'})", tokens=tokens, device_s=device_s,
+           gb_per_s=_gbps(weight, memory, device_s))

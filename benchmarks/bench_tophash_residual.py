@@ -29,17 +29,17 @@ def _separate(key, perm, acts, memory):
     return masked_residual(acts, memory, mask.expand(acts.shape[0], -1))
 
 
-def test_separate_ops(benchmark, record, sync):
+def test_separate_ops(benchmark, record, sync, device_time):
     key, perm, acts, memory = _inputs()
     benchmark.group = "tophash_residual"
     benchmark.pedantic(sync(_separate), args=(key, perm, acts, memory), rounds=5 if not CUDA else 30, warmup_rounds=1)
-    record(impl="separate ops (torch)", tokens=TOKENS)
+    record(impl="separate ops (torch)", tokens=TOKENS, device_s=device_time(_separate, key, perm, acts, memory))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter is not a benchmark)")
-def test_fused_triton(benchmark, record, sync, monkeypatch):
+def test_fused_triton(benchmark, record, sync, device_time, monkeypatch):
     monkeypatch.setenv("MEMOIR_BACKEND", "triton")
     key, perm, acts, memory = _inputs()
     benchmark.group = "tophash_residual"
     benchmark(sync(tophash_residual), key, perm, K, acts, memory)
-    record(impl="fused triton", tokens=TOKENS)
+    record(impl="fused triton", tokens=TOKENS, device_s=device_time(tophash_residual, key, perm, K, acts, memory))

@@ -148,6 +148,7 @@ def test_equals_faiss_at_llama_width():
 @pytest.mark.parametrize("n,dim,k,batch", [
     pytest.param(0, 130, 20, 3, id="empty"), pytest.param(1, 64, 10, 1, id="1x64"),
     pytest.param(37, 70, 20, 9, id="37x70-B9"), pytest.param(5000, 130, 7, 64, id="ties-B64"),
+    pytest.param(4000, 130, 20, 2, id="4000x130-B2"),  # 4 warps per query in the final reduction
     pytest.param(20000, 14336, 4096, 1, id="20k-llama-B1"), pytest.param(3000, 14336, 4096, 17, id="llama-B17"),
 ])
 def test_cuda_kernel_equals_reference(n, dim, k, batch):

@@ -56,3 +56,25 @@ def test_main_prints_missing_targets_as_not_measured(summary, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "faiss time / C++ time" in out and "1.50  ok" in out
     assert out.count("not measured") == 7
+
+
+def test_kernel_targets_use_device_times_when_both_cases_have_one(summary):
+    run = gpu_run()
+    # Wall clock 20 / 30 us (launch path included); device time 5 / 25 us: the device ratio counts.
+    run[4:8] = [
+        case("tophash B=1 T=16", 50e-6, impl="torch chain", device_s=30e-6),
+        case("tophash B=1 T=16", 20e-6, impl="triton", device_s=5e-6),
+        case("down_proj T=1", 30e-6, impl="plain F.linear", device_s=25e-6),
+        case("down_proj T=1", 45e-6, impl="triton (base given)"),  # no device time: wall ratio
+    ]
+    measured = {name: value for name, value, _, _ in summary.targets(run)}
+    assert measured["GPU tophash B=1: torch chain time / Triton time"] == pytest.approx(6.0)
+    assert measured["GPU down_proj 1 token: edited time / plain time"] == pytest.approx(1.5)
+
+
+def test_table_shows_wall_and_device_time(summary):
+    lines = summary.groups_table([case("tophash B=1 T=16", 20e-6, impl="triton", device_s=5e-6),
+                                  case("mask_search cpu N=10000 B=1", 2e-3, impl="memoir C++")])
+    assert "wall median" in lines[0] and "device" in lines[0]
+    assert lines[1].split()[-3:] == ["2000.0", "us", "-"]  # CPU case: no device time
+    assert lines[2].split()[-4:] == ["20.0", "us", "5.0", "us"]
