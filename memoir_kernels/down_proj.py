@@ -308,7 +308,11 @@ if HAS_TRITON:
         ROUND_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """Y = base + (G ⊙ M[rows] ⊙ A) W_m, tiled [BLOCK_T, BLOCK_N]: each W_m tile serves BLOCK_T tokens."""
+        """Y = base + (G ⊙ M[rows] ⊙ A) W_m, tiled [BLOCK_T, BLOCK_N]: each W_m tile serves BLOCK_T tokens.
+        BLOCK_K divides 64, so a K step lies inside one 64-bit mask word: one word per token row is
+        loaded and expanded in registers (a [BLOCK_T, BLOCK_K] int64 tile of words would cost 8 bytes
+        per element in shared memory and registers, and spilled)."""
+        tl.static_assert(64 % BLOCK_K == 0)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_t, in_n = t < tokens, n < hidden
@@ -323,9 +327,11 @@ if HAS_TRITON:
             kk = k0 + tl.arange(0, BLOCK_K)
             in_k = kk < dim
             x = tl.load(a_ptr + t[:, None] * dim + kk[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
-            word = tl.load(bits_ptr + slot[:, None] * words + (kk // 64)[None, :], mask=gated[:, None] & in_k[None, :],
-                           other=0)
-            chosen = ((word >> (kk % 64).to(tl.int64)[None, :]) & 1) != 0
+            word = tl.load(bits_ptr + slot * words + k0 // 64, mask=gated, other=0)  # [BLOCK_T]
+            # Expanded through its 32-bit halves: int64 shifts over the whole tile cost twice the registers.
+            bit = kk % 64
+            half = tl.where((bit < 32)[None, :], word.to(tl.int32)[:, None], (word >> 32).to(tl.int32)[:, None])
+            chosen = ((half >> (bit % 32)[None, :]) & 1) != 0
             m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)
             if DOT_FP32:
                 # fp32 activations, or the interpreter (whose half-precision arithmetic is unreliable).
@@ -351,6 +357,29 @@ if HAS_TRITON:
         edited = (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + t[:, None] * hidden + n[None, :], tl.where(gated[:, None], edited, base), mask=out_mask)
 
+    # Tile shapes on a GPU, tried once per (D, d) on the first call (outside any CUDA-graph capture:
+    # the callers warm up first) and cached by Triton. Gather regime: one token has only d / BLOCK_N
+    # programs (64 at d 4096 with BLOCK_N 64, half an H100's SMs), so narrower column blocks with
+    # longer K steps keep more programs and more bytes in flight; BLOCK_N 16 still reads whole
+    # 32-byte sectors of a bf16 W_m row. The interpreter runs one small fixed tile instead.
+    GATHER_CONFIGS = [
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4),
+        triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4),
+        triton.Config({"BLOCK_N": 32, "BLOCK_K": 512}, num_warps=8),
+        triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4),
+        triton.Config({"BLOCK_N": 16, "BLOCK_K": 1024}, num_warps=8),
+    ]
+    # Dense regime: tiles whose K step stays inside one mask word. Every config of both lists is
+    # compiled for sm_90 in CI (tests/kernels/test_triton_sm90_compile.py), with a bound on spills.
+    DENSE_CONFIGS = [
+        triton.Config({"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_T": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    ]
+    _down_proj_gather_tuned = triton.autotune(GATHER_CONFIGS, key=["dim", "hidden"])(_down_proj_gather_kernel)
+    _down_proj_dense_tuned = triton.autotune(DENSE_CONFIGS, key=["dim", "hidden"])(_down_proj_dense_kernel)
+
     def _launch(a, weight, memory, row_of_token, tokens_per_row, bits, slots, gate, min_overlap, bias, base):
         """Runs the gather kernel (up to ``DECODE_MAX_TOKENS`` tokens) or the dense one. ``slots``
         ``None``: sequence r uses ``bits[r]`` and the bool ``gate[r]``; otherwise ``bits[slots[r]]``
@@ -368,17 +397,19 @@ if HAS_TRITON:
                 base if base is not None else dummy, out, tokens_per_row, min_overlap)
         flags = {"ROWS_BY_DIVISION": row_of_token is None, "ROUTED": slots is not None, "HAS_BASE": base is not None,
                  "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
+        words = bits.shape[1]
         if tokens <= DECODE_MAX_TOKENS:
-            block_n = 32 if small else 64
-            wrap_triton(_down_proj_gather_kernel)[(tokens, triton.cdiv(hidden, block_n))](
-                *args, dim, hidden, bits.shape[1], **flags, BLOCK_N=block_n, BLOCK_K=32 if small else 128,
+            kernel, tiles = ((_down_proj_gather_kernel, {"BLOCK_N": 32, "BLOCK_K": 32}) if small
+                             else (_down_proj_gather_tuned, {}))
+            wrap_triton(kernel)[lambda meta: (tokens, triton.cdiv(hidden, meta["BLOCK_N"]))](
+                *args, dim, hidden, words, **flags, **tiles,
             )
         else:
-            block_t, block_n, block_k = (16, 32, 32) if small else (64, 64, 64)
-            grid = (triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_n))
-            wrap_triton(_down_proj_dense_kernel)[grid](
-                *args, tokens, dim, hidden, bits.shape[1], **flags,
-                DOT_FP32=a.dtype == torch.float32 or small, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+            kernel, tiles = ((_down_proj_dense_kernel, {"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 32}) if small
+                             else (_down_proj_dense_tuned, {}))
+            grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(hidden, meta["BLOCK_N"]))  # noqa: E731
+            wrap_triton(kernel)[grid](
+                *args, tokens, dim, hidden, words, **flags, DOT_FP32=a.dtype == torch.float32 or small, **tiles,
             )
         return out.to(a.dtype) if emulate else out
 

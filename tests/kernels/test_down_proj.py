@@ -202,3 +202,33 @@ def test_triton_routed_op_passes_opcheck(triton_backend):
     utils = None if torch.cuda.is_available() else ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.memoir.down_proj_routed_triton.default,
                           (a, memory, None, 1, bank_bits, index, overlap, 9, base), test_utils=utils)
+
+
+@pytest.mark.parametrize("tokens", [pytest.param(3, id="gather-T3"), pytest.param(40, id="dense-T40")])
+def test_every_autotuning_config_matches_reference(triton_backend, monkeypatch, tokens):
+    """The GPU path goes through triton.autotune: each candidate tile is run by the autotuner
+    itself (its benchmark function replaced by one that keeps each candidate's output) and compared
+    with the reference; then the fastest is the one used. On CPU the interpreter runs the configs,
+    so the GPU-only plumbing (autotuner, grid from the chosen tile) is exercised here too."""
+    import memoir_kernels.down_proj as down_proj
+
+    tuner = down_proj._down_proj_gather_tuned if tokens <= down_proj.DECODE_MAX_TOKENS else down_proj._down_proj_dense_tuned
+    outputs = []
+
+    def keep_output(kernel_call, quantiles):
+        kernel_call()
+        outputs.append(tuner.nargs["out_ptr"].clone())
+        return [float(len(outputs) % len(tuner.configs))] * len(quantiles)  # the last candidate "wins"
+
+    monkeypatch.setattr(down_proj, "interpreting", lambda: False)  # take the GPU launch path
+    monkeypatch.setattr(tuner, "_do_bench", keep_output)
+    monkeypatch.setattr(tuner, "cache", {})
+    a, weight, memory, rows, masks, gate, bias = (x.to(_device()) for x in _inputs(tokens=tokens, dim=300, hidden=40))
+    bits = pack_bits(masks)
+    want = memoir_down_proj_reference(a, weight, memory, rows, bits, gate, bias)
+    got = memoir_down_proj(a, weight, memory, rows, bits, gate, bias)
+    assert len(outputs) == len(tuner.configs) >= 4
+    for config, out in zip(tuner.configs, outputs, strict=True):
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3, msg=lambda m, c=config: f"{c}: {m}")
+    assert tuner.best_config is tuner.configs[-1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)

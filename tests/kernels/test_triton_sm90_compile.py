@@ -15,6 +15,11 @@ import pytest
 
 SCRIPT = textwrap.dedent('''
     import importlib
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -25,12 +30,26 @@ SCRIPT = textwrap.dedent('''
     target = GPUTarget("cuda", 90, 32)
     SMEM_LIMIT = 227 * 1024
 
-    def build(fn, signature, constants, num_warps=4):
+    PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    SPILL_LIMIT = 256  # bytes per thread; a [BLOCK_T, BLOCK_K] int64 tile of mask words spilled 2 KB
+
+    def spilled_bytes(kernel):
+        """Spill stores ptxas reports for the kernel's PTX (its own -v output)."""
+        with tempfile.TemporaryDirectory() as folder:
+            ptx = Path(folder) / "kernel.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            log = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", str(ptx) + ".o"],
+                                 capture_output=True, text=True, check=True).stderr
+        return max(int(n) for n in re.findall(r"(\\d+) bytes spill stores", log))
+
+    def build(fn, signature, constants, num_warps=4, num_stages=3):
         constants = dict(constants)
         signature = dict(signature, **{name: "constexpr" for name in constants})
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target,
-                                options={"num_warps": num_warps})
-        assert kernel.metadata.shared <= SMEM_LIMIT, (fn.__name__, kernel.metadata.shared)
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+        assert kernel.metadata.shared <= SMEM_LIMIT, (fn.__name__, constants, kernel.metadata.shared)
+        spills = spilled_bytes(kernel)  # the same bundled ptxas triton.compile just used
+        assert spills <= SPILL_LIMIT, (fn.__name__, constants, num_warps, spills)
 
     for has_window in (True, False):
         build(tophash._tophash_kernel,
@@ -46,10 +65,12 @@ SCRIPT = textwrap.dedent('''
     routed_common = dict(common, gate_ptr="*i32")
     routed = dict(flags, ROUTED=True, HAS_BASE=True, HAS_BIAS=False)
     for sig, consts in ((common, flags), (routed_common, routed)):
-        build(down_proj._down_proj_gather_kernel, dict(sig, dim="i32", hidden="i32", words="i32"),
-              dict(consts, BLOCK_N=64, BLOCK_K=128))
-        build(down_proj._down_proj_dense_kernel, dict(sig, tokens="i32", dim="i32", hidden="i32", words="i32"),
-              dict(consts, DOT_FP32=False, BLOCK_T=64, BLOCK_N=64, BLOCK_K=64))
+        for config in down_proj.GATHER_CONFIGS:  # every autotuning candidate
+            build(down_proj._down_proj_gather_kernel, dict(sig, dim="i32", hidden="i32", words="i32"),
+                  dict(consts, **config.kwargs), config.num_warps, config.num_stages)
+        for config in down_proj.DENSE_CONFIGS:
+            build(down_proj._down_proj_dense_kernel, dict(sig, tokens="i32", dim="i32", hidden="i32", words="i32"),
+                  dict(consts, DOT_FP32=False, **config.kwargs), config.num_warps, config.num_stages)
     build(fused._tophash_residual_kernel,
           {"key_ptr": "*fp32", "inv_perm_ptr": "*i64", "a_ptr": "*bf16", "mem_ptr": "*fp32", "out_ptr": "*bf16",
            "tokens": "i32", "dim": "i32", "hidden": "i32", "k": "i32"},
