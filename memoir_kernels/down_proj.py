@@ -11,6 +11,8 @@ routed forward launches nothing between the search and the projection.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,13 @@ __all__ = [
 # Above: the dense regime (a tiled matrix product on masked activations), where a W_m tile read
 # once serves many tokens and beats per-token gathers.
 DECODE_MAX_TOKENS = 16
+
+
+def autotune_enabled() -> bool:
+    """Whether the Triton kernels pick their tiles by autotuning on the first call of each shape
+    (``MEMOIR_TRITON_AUTOTUNE``, default on; ``0`` uses the first candidate tile, which starts
+    faster: no benchmarking, one compilation per variant)."""
+    return os.environ.get("MEMOIR_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no")
 
 
 def masked_residual(a: torch.Tensor, memory: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
@@ -380,6 +389,17 @@ if HAS_TRITON:
     _down_proj_gather_tuned = triton.autotune(GATHER_CONFIGS, key=["dim", "hidden"])(_down_proj_gather_kernel)
     _down_proj_dense_tuned = triton.autotune(DENSE_CONFIGS, key=["dim", "hidden"])(_down_proj_dense_kernel)
 
+    def _kernel_and_tiles(kernel, tuned, small: bool, interpreter_tiles: dict):
+        """The kernel to launch and the tile arguments it needs: the interpreter's small fixed tile;
+        the autotuner (which passes its own); or, with ``MEMOIR_TRITON_AUTOTUNE=0``, the first
+        candidate without tuning (no benchmarking at the first call of each shape)."""
+        if small:
+            return kernel, interpreter_tiles
+        if not autotune_enabled():
+            first = tuned.configs[0]
+            return kernel, dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
+        return tuned, {}
+
     def _launch(a, weight, memory, row_of_token, tokens_per_row, bits, slots, gate, min_overlap, bias, base):
         """Runs the gather kernel (up to ``DECODE_MAX_TOKENS`` tokens) or the dense one. ``slots``
         ``None``: sequence r uses ``bits[r]`` and the bool ``gate[r]``; otherwise ``bits[slots[r]]``
@@ -399,14 +419,14 @@ if HAS_TRITON:
                  "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
         words = bits.shape[1]
         if tokens <= DECODE_MAX_TOKENS:
-            kernel, tiles = ((_down_proj_gather_kernel, {"BLOCK_N": 32, "BLOCK_K": 32}) if small
-                             else (_down_proj_gather_tuned, {}))
+            kernel, tiles = _kernel_and_tiles(_down_proj_gather_kernel, _down_proj_gather_tuned, small,
+                                              {"BLOCK_N": 32, "BLOCK_K": 32})
             wrap_triton(kernel)[lambda meta: (tokens, triton.cdiv(hidden, meta["BLOCK_N"]))](
                 *args, dim, hidden, words, **flags, **tiles,
             )
         else:
-            kernel, tiles = ((_down_proj_dense_kernel, {"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 32}) if small
-                             else (_down_proj_dense_tuned, {}))
+            kernel, tiles = _kernel_and_tiles(_down_proj_dense_kernel, _down_proj_dense_tuned, small,
+                                              {"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 32})
             grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(hidden, meta["BLOCK_N"]))  # noqa: E731
             wrap_triton(kernel)[grid](
                 *args, tokens, dim, hidden, words, **flags, DOT_FP32=a.dtype == torch.float32 or small, **tiles,

@@ -221,6 +221,7 @@ def test_every_autotuning_config_matches_reference(triton_backend, monkeypatch, 
         return [float(len(outputs) % len(tuner.configs))] * len(quantiles)  # the last candidate "wins"
 
     monkeypatch.setattr(down_proj, "interpreting", lambda: False)  # take the GPU launch path
+    monkeypatch.setenv("MEMOIR_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(tuner, "_do_bench", keep_output)
     monkeypatch.setattr(tuner, "cache", {})
     a, weight, memory, rows, masks, gate, bias = (x.to(_device()) for x in _inputs(tokens=tokens, dim=300, hidden=40))
@@ -232,3 +233,23 @@ def test_every_autotuning_config_matches_reference(triton_backend, monkeypatch, 
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-3, msg=lambda m, c=config: f"{c}: {m}")
     assert tuner.best_config is tuner.configs[-1]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("tokens", [pytest.param(3, id="gather-T3"), pytest.param(40, id="dense-T40")])
+def test_autotuning_off_launches_the_first_config_untuned(triton_backend, monkeypatch, tokens):
+    """MEMOIR_TRITON_AUTOTUNE=0: the first candidate tile, launched without any benchmarking."""
+    import memoir_kernels.down_proj as down_proj
+
+    def no_benchmark(kernel_call, quantiles):
+        raise AssertionError("autotuning ran although MEMOIR_TRITON_AUTOTUNE=0")
+
+    monkeypatch.setattr(down_proj, "interpreting", lambda: False)
+    monkeypatch.setenv("MEMOIR_TRITON_AUTOTUNE", "0")
+    for tuner in (down_proj._down_proj_gather_tuned, down_proj._down_proj_dense_tuned):
+        monkeypatch.setattr(tuner, "_do_bench", no_benchmark)
+        monkeypatch.setattr(tuner, "cache", {})
+    a, weight, memory, rows, masks, gate, bias = (x.to(_device()) for x in _inputs(tokens=tokens, dim=300, hidden=40))
+    bits = pack_bits(masks)
+    got = memoir_down_proj(a, weight, memory, rows, bits, gate, bias)
+    torch.testing.assert_close(got, memoir_down_proj_reference(a, weight, memory, rows, bits, gate, bias),
+                               rtol=1e-4, atol=1e-3)
