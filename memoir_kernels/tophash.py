@@ -135,6 +135,32 @@ if HAS_TRITON:
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
+    def kth_largest_bits(mag, k):
+        """The k-th largest entry of ``mag`` (int32 bit patterns of non-negative floats, which order
+        like the floats; entries < 0 are absent). Radix select from the top byte down: four
+        256-bin histograms of the entries that still match the chosen prefix, instead of one
+        block-wide count per bit (31 reductions, each a round of barriers on the GPU). Used by the
+        TopHash kernel (one program per sequence, 8 warps); the fused editing kernel keeps the
+        bit loop, where the histograms spilled 6 KB of registers at 4 warps."""
+        bins = tl.arange(0, 256)
+        prefix = tl.full([], 0, tl.int32)  # the bytes chosen so far ...
+        fixed = tl.full([], 0, tl.int32)  # ... and which bits they cover
+        remaining = k  # how many of the matching entries are still to be taken, largest first
+        for step in tl.static_range(4):
+            shift = 24 - 8 * step
+            match = (mag >= 0) & ((mag & fixed) == prefix)
+            # Entries that do not match are counted in bin 0 and taken out again (histogram's mask
+            # argument is not relied on: the GPU machines run another Triton release than CI).
+            hist = tl.histogram(tl.where(match, (mag >> shift) & 255, 0), 256)
+            hist -= tl.where(bins == 0, tl.sum((~match).to(tl.int32), axis=0), 0)
+            at_least = tl.cumsum(hist, axis=0, reverse=True)  # at_least[b]: matches with byte >= b
+            byte = tl.max(tl.where(at_least >= remaining, bins, 0), axis=0)
+            remaining -= tl.sum(tl.where(bins == byte, at_least - hist, 0), axis=0)  # those above byte
+            prefix = prefix | (byte << shift)
+            fixed = fixed | (tl.full([], 255, tl.int32) << shift)
+        return prefix
+
+    @triton.jit
     def _tophash_kernel(
         acts_ptr, acts_batch_stride, acts_token_stride,
         window_ptr, mu_ptr, inv_perm_ptr, scratch_ptr, out_ptr,
@@ -163,13 +189,9 @@ if HAS_TRITON:
         if HAS_MU:
             key = key - tl.load(mu_ptr + offs, mask=in_dim, other=0.0)
         # |key| as int32 bits orders like the float (non-negative floats are monotonic in their
-        # bits), so the k-th largest value is found bit by bit: 31 counts over the row, no sort.
+        # bits), so the k-th largest value is a radix select on integers, no sort.
         mag = tl.where(in_dim, tl.abs(key).to(tl.int32, bitcast=True), -1)
-        threshold = tl.full([], 0, tl.int32)  # a tensor from the start: loop-carried types must not change
-        for i in range(31):
-            candidate = threshold | (1 << (30 - i))
-            above = tl.sum((mag >= candidate).to(tl.int32), axis=0)
-            threshold = tl.where(above >= k, candidate, threshold)
+        threshold = kth_largest_bits(mag, k)
         # Everything above the threshold is in; of the entries equal to it, the lowest indices up
         # to k in total. `cut`: entries equal to the threshold with index < cut are selected.
         need = k - tl.sum((mag > threshold).to(tl.int32), axis=0)

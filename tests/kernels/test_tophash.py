@@ -147,3 +147,15 @@ def test_triton_tophash_op_passes_opcheck(triton_backend):
     for given in (window, None):
         torch.library.opcheck(torch.ops.memoir.tophash_triton.default, (acts, given, mu, inverse_permutation(perm), 20),
                               test_utils=utils)
+
+
+@pytest.mark.parametrize("k", [1, 150, 299, 300])
+def test_triton_tophash_keys_differing_only_in_low_bits(triton_backend, k):
+    """Keys that share every high bit (1 + j ulp, with repeats) make the k-th largest |key| depend on
+    the lowest byte of its bit pattern: the selection must still equal the reference exactly."""
+    dim = 300
+    ulps = torch.randint(0, 200, (1, 1, dim))  # repeats: ties at the threshold
+    acts = (1.0 + ulps.double() * 2.0**-23).float() * torch.where(torch.rand(1, 1, dim) < 0.5, -1.0, 1.0)
+    acts, perm = acts.to(_device()), torch.randperm(dim).to(_device())
+    got = tophash(acts, None, None, perm, k)
+    assert torch.equal(got, tophash_reference(acts, None, None, perm, k))
