@@ -337,10 +337,7 @@ if HAS_TRITON:
             in_k = kk < dim
             x = tl.load(a_ptr + t[:, None] * dim + kk[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
             word = tl.load(bits_ptr + slot * words + k0 // 64, mask=gated, other=0)  # [BLOCK_T]
-            # Expanded through its 32-bit halves: int64 shifts over the whole tile cost twice the registers.
-            bit = kk % 64
-            half = tl.where((bit < 32)[None, :], word.to(tl.int32)[:, None], (word >> 32).to(tl.int32)[:, None])
-            chosen = ((half >> (bit % 32)[None, :]) & 1) != 0
+            chosen = ((word[:, None] >> (kk % 64).to(tl.int64)[None, :]) & 1) != 0
             m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)
             if DOT_FP32:
                 # fp32 activations, or the interpreter (whose half-precision arithmetic is unreliable).
