@@ -61,12 +61,6 @@ def extra(cases: list[dict], group: str, key: str, **match) -> float | None:
     return None if case is None else case["extra_info"].get(key)
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None:
-        return None
-    return numerator / denominator
-
-
 def targets(cases: list[dict]) -> list[tuple[str, float | None, str, Callable[[float], bool]]]:
     """(description, measured value, target text, pass test) for each of the issue's numbers."""
     search_gpu = "mask_search gpu N=10000 B=1"
@@ -75,7 +69,7 @@ def targets(cases: list[dict]) -> list[tuple[str, float | None, str, Callable[[f
     unedited = median(cases, decode, masks=0)
     return [
         ("CPU mask_search 10k B=1: faiss time / C++ time",
-         _ratio(median(cases, search_cpu, impl="faiss IndexBinaryFlat"), median(cases, search_cpu, impl="memoir C++")),
+         kernel_ratio(cases, search_cpu, {"impl": "faiss IndexBinaryFlat"}, {"impl": "memoir C++"}),
          ">= 1", lambda v: v >= 1.0),
         ("GPU mask_search 10k B=1: % of copy bandwidth",
          extra(cases, search_gpu, "pct_of_copy", impl="memoir CUDA"), ">= 70", lambda v: v >= 70.0),

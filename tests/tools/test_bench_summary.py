@@ -60,7 +60,7 @@ def test_main_prints_missing_targets_as_not_measured(summary, tmp_path, capsys):
 
 def test_kernel_targets_use_device_times_when_both_cases_have_one(summary):
     run = gpu_run()
-    # Wall clock 20 / 30 us (launch path included); device time 5 / 25 us: the device ratio counts.
+    # tophash: wall clock 50 / 20 us (launch path included), device 30 / 5 us: the device ratio (6) counts.
     run[4:8] = [
         case("tophash B=1 T=16", 50e-6, impl="torch chain", device_s=30e-6),
         case("tophash B=1 T=16", 20e-6, impl="triton", device_s=5e-6),
