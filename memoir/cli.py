@@ -67,6 +67,8 @@ def _print_table(report: dict) -> None:
     print(f"edits {report['edits']} (skipped {report.get('skipped_empty_target', 0)} with an empty target), "
           f"{report['sec_per_edit']:.2f} s/edit, overlap edit/rephrase/unrelated "
           f"{report['overlap_edit']:.2f}/{report['overlap_rephrase']:.2f}/{report['overlap_unrelated']:.2f}")
+    if report.get("one_per_subject"):
+        print(f"edit stream: the first record of each subject, records 0-{report['last_source_record']}")
     if report.get("contradicted_later"):
         print(f"Rel of the {report['contradicted_later']} edits contradicted by a later edit (same subject): "
               f"{report['rel_contradicted_later']:.3f}; of the others: {report['rel_not_contradicted']:.3f}")
@@ -79,7 +81,7 @@ def cmd_eval(args) -> int:
     from .evaluation import (
         background_sentences,
         curve_points,
-        edit_records,
+        edit_stream,
         evaluate_sequential,
         load_zsre,
         sweep_thresholds,
@@ -88,7 +90,9 @@ def cmd_eval(args) -> int:
 
     torch.manual_seed(0)
     records = load_zsre(args.data)
-    edits, skipped = edit_records(records, args.edits)
+    # One record per subject spreads T edits over more records: keep them off the background's 1000-1999.
+    pool = records[:1000] if args.one_per_subject and not args.loc_data else records
+    edits, stream = edit_stream(pool, args.edits, one_per_subject=args.one_per_subject)
     loc_records = load_zsre(args.loc_data) if args.loc_data else records[1000:2000]
     model, tokenizer = _load_model(args.model, args.dtype)
     editor = load(model, tokenizer, args.load_memory) if args.load_memory else attach(model, tokenizer,
@@ -99,7 +103,7 @@ def cmd_eval(args) -> int:
                                  progress=not args.quiet, apply_edits=not args.load_memory,
                                  points=curve_points(len(edits), args.curve_points),
                                  checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every)
-    report["skipped_empty_target"] = skipped
+    report.update(stream)
     report["config"] = editor.config.to_dict()
     report["model"] = args.model
     if args.sweep_threshold:
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face model directory")
     ev.add_argument("--data", default=_default_data(), help="ZsRE JSON file; edits are its first T usable records")
     ev.add_argument("--edits", "-T", type=int, default=100, help="number of sequential edits T")
+    ev.add_argument("--one-per-subject", action="store_true",
+                    help="edit only the first record of each subject (a stream without contradicting edits)")
     ev.add_argument("--loc-data", default=None, help="records for background sentences (default: records 1000-1999)")
     ev.add_argument("--out", default=None, help="write the JSON report here")
     ev.add_argument("--report", default=None, metavar="DIR",

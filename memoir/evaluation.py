@@ -13,7 +13,7 @@ import torch
 from .tokens import batch_prompt_target
 from .training import EditResult
 
-__all__ = ["load_zsre", "edit_records", "background_sentences", "teacher_forced", "evaluate_sequential", "ScoredBatch",
+__all__ = ["load_zsre", "edit_records", "edit_stream", "first_of_each_subject", "background_sentences", "teacher_forced", "evaluate_sequential", "ScoredBatch",
            "curve_points", "later_contradictions"]
 
 
@@ -31,13 +31,54 @@ def edit_records(records: list[dict], count: int) -> tuple[list[dict], int]:
     for record in records:
         if len(chosen) == count:
             break
-        if str(record.get("alt", "")).strip() and str(record.get("src", "")).strip():
+        if _usable(record):
             chosen.append(record)
         else:
             skipped += 1
     if len(chosen) < count:
         raise ValueError(f"only {len(chosen)} usable records, {count} edits requested")
     return chosen, skipped
+
+
+def _usable(record: dict) -> bool:
+    """A record can be an edit: non-empty prompt and target."""
+    return bool(str(record.get("alt", "")).strip() and str(record.get("src", "")).strip())
+
+
+def first_of_each_subject(records: list[dict]) -> list[int]:
+    """Indices of the records that ask about a ``subject`` no earlier usable record asked about.
+
+    ZsRE dev groups several paraphrased questions about one subject, each with its own new target,
+    so a stream of consecutive records contradicts itself (see :func:`later_contradictions`).
+    Keeping the first usable record of each subject gives a stream of the same kind of edits
+    without contradictions. Unusable records (empty target) are kept, for :func:`edit_records` to
+    skip and count; records without a ``subject`` are always kept.
+    """
+    seen, kept = set(), []
+    for index, record in enumerate(records):
+        subject = str(record.get("subject", "")).strip()
+        if subject and subject in seen:
+            continue
+        if subject and _usable(record):
+            seen.add(subject)
+        kept.append(index)
+    return kept
+
+
+def edit_stream(records: list[dict], count: int, one_per_subject: bool = False) -> tuple[list[dict], dict]:
+    """The ``count`` edits of an evaluation and how they were chosen (keys for the report).
+
+    By default the first ``count`` usable records (:func:`edit_records`); with ``one_per_subject``
+    only the first record of each subject (:func:`first_of_each_subject`), and the report names the
+    last source record used.
+    """
+    if not one_per_subject:
+        edits, skipped = edit_records(records, count)
+        return edits, {"skipped_empty_target": skipped}
+    source = first_of_each_subject(records)
+    edits, skipped = edit_records([records[i] for i in source], count)
+    return edits, {"skipped_empty_target": skipped, "one_per_subject": True,
+                   "last_source_record": source[len(edits) + skipped - 1] if edits else None}
 
 
 def background_sentences(records: list[dict], count: int) -> list[str]:

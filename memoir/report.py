@@ -96,6 +96,9 @@ def summary_markdown(report: dict, images: dict[str, str] | None = None) -> str:
     lines += ["Editing: " + ", ".join(timing) + ".", ""]
     if report.get("skipped_empty_target"):
         lines += [f"{report['skipped_empty_target']} record(s) with an empty target were skipped.", ""]
+    if report.get("one_per_subject"):
+        lines += [f"Edit stream: the first record of each subject (records 0-{report['last_source_record']}), "
+                  "so no edit contradicts another.", ""]
     routing = [(label, report.get(key)) for key, label, _ in _OVERLAPS if key in report]
     if routing or "overlap_histogram" in images:
         lines += ["## Routing", ""]

@@ -126,3 +126,26 @@ def test_later_contradictions_need_the_same_subject_and_another_target():
     assert scores["contradicted_later"] == 2
     assert scores["rel_contradicted_later"] == pytest.approx(0.6)
     assert scores["rel_not_contradicted"] == pytest.approx(0.94)
+
+
+def test_one_per_subject_keeps_the_first_record_of_each_subject():
+    from memoir.evaluation import edit_stream, first_of_each_subject, later_contradictions
+
+    records = [{"subject": "A", "src": "a?", "alt": "x"}, {"subject": "A", "src": "a2?", "alt": "y"},
+               {"subject": "B", "src": "b?", "alt": ""}, {"subject": "B", "src": "b2?", "alt": "z"},
+               {"src": "c?", "alt": "w"}, {"src": "d?", "alt": "v"}, {"subject": "E", "src": "e?", "alt": "u"}]
+    # B's first record has an empty target: it is skipped (and counted), B's next record is B's edit
+    assert first_of_each_subject(records) == [0, 2, 3, 4, 5, 6]
+    edits, info = edit_stream(records, 3, one_per_subject=True)
+    assert [r["src"] for r in edits] == ["a?", "b2?", "c?"]
+    assert info == {"skipped_empty_target": 1, "one_per_subject": True, "last_source_record": 4}
+    assert not any(later_contradictions(edits))
+    edits, info = edit_stream(records, 3)
+    assert [r["src"] for r in edits] == ["a?", "a2?", "b2?"] and info == {"skipped_empty_target": 1}
+    with pytest.raises(ValueError, match="only 5 usable records"):
+        edit_stream(records, 6, one_per_subject=True)
+
+
+def test_summary_names_a_one_per_subject_stream():
+    report = synthetic_report() | {"one_per_subject": True, "last_source_record": 195}
+    assert "first record of each subject (records 0-195)" in summary_markdown(report)
