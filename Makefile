@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-dev native-check lint bench eval clean
+.PHONY: demo test install install-dev native-check triton36-check lint bench eval clean
 
 $(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ $(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+# Kernel tests under the GPU machines' Triton 3.6 as well (this repo pins 3.7.1), in their own venv.
+TRITON36_VENV ?= .venv-triton36
+$(TRITON36_VENV)/.installed: requirements-triton36.txt
+	$(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install --quiet -r requirements-triton36.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,10 +43,13 @@ native-check:
 		echo "nvcc -arch=sm_90: CUDA sources compile"; \
 	else echo "nvcc check skipped (no nvcc or no .cu sources)"; fi
 
+triton36-check: install $(TRITON36_VENV)/.installed
+	PYTHONPATH=$(CURDIR) $(TRITON36_VENV)/bin/python -m pytest tests/kernels -q -p no:cacheprovider
+
 lint: install-dev
 	$(VENV)/bin/ruff check memoir memoir_kernels tests benchmarks
 
-test: install-dev native-check lint
+test: install-dev native-check lint triton36-check
 	$(PY) -m pytest tests -q
 
 bench: install-dev
@@ -49,4 +59,4 @@ eval: install
 	$(PY) -m memoir eval --edits 100 --out results/eval_t100.json
 
 clean:
-	rm -rf build $(VENV) *.egg-info memoir_kernels/_C*.so
+	rm -rf build $(VENV) $(TRITON36_VENV) *.egg-info memoir_kernels/_C*.so
