@@ -14,6 +14,29 @@ import sys
 
 from setuptools import find_packages, setup
 
+
+def _toolkit_root() -> str | None:
+    """The CUDA toolkit directory (with include/cuda_runtime_api.h) when CUDA_HOME / CUDA_PATH are unset.
+
+    torch guesses the toolkit from the nvcc on PATH as nvcc's grandparent directory. Where that nvcc
+    is a wrapper script (``/usr/local/bin/nvcc`` exec'ing ``/usr/local/cuda-13.0/bin/nvcc`` on these
+    machines) the guess is ``/usr/local`` and the C++ sources cannot find the CUDA headers.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += sorted(glob.glob("/usr/local/cuda")) + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in candidates:
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h")):
+            return root
+    return None
+
+
+_found_toolkit = _toolkit_root()
+if _found_toolkit:  # before torch.utils.cpp_extension reads it at import
+    os.environ["CUDA_HOME"] = _found_toolkit
+
 try:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
