@@ -32,9 +32,15 @@ def test_unknown_backend_raises(monkeypatch):
 
 
 def test_explicit_unavailable_backend_raises_with_reason(monkeypatch):
+    from memoir_kernels import _native
+
     monkeypatch.setenv("MEMOIR_BACKEND", "cuda")
+    # the same answer whether this machine's extension was built with CUDA or not
+    monkeypatch.setattr(_native, "native_has_cuda", lambda: False)
     with pytest.raises(RuntimeError, match="cannot run mask_search on cuda: .*without CUDA"):
         resolve_backend("mask_search", "cuda")
+    with pytest.raises(RuntimeError, match="cannot run mask_search on meta: no compiled kernel for device type 'meta'"):
+        resolve_backend("mask_search", "meta")
 
 
 def test_op_without_such_implementation_uses_its_best(monkeypatch):
