@@ -13,8 +13,8 @@ import torch
 from .tokens import batch_prompt_target
 from .training import EditResult
 
-__all__ = ["load_zsre", "edit_records", "edit_stream", "first_of_each_subject", "background_sentences", "teacher_forced", "evaluate_sequential", "ScoredBatch",
-           "curve_points", "later_contradictions"]
+__all__ = ["load_zsre", "edit_records", "edit_stream", "first_of_each_subject", "background_sentences",
+           "teacher_forced", "evaluate_sequential", "ScoredBatch", "curve_points", "later_contradictions"]
 
 
 def load_zsre(path) -> list[dict]:
