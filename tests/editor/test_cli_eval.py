@@ -1,0 +1,56 @@
+"""`python -m memoir eval` end to end on a tiny saved model: record selection, report keys, JSON."""
+
+import json
+
+import pytest
+
+from memoir.cli import main
+from memoir.models import tiny_model
+
+# Two subjects asked twice with different targets, one record with an empty target, one unique subject.
+RECORDS = [
+    {"subject": "Alice", "src": "Alice lives in", "alt": "Paris", "rephrase": "Alice's home is in"},
+    {"subject": "Alice", "src": "Where does Alice live?", "alt": "Rome", "rephrase": "Alice lives where?"},
+    {"subject": "Nobody", "src": "Nobody knows", "alt": "", "rephrase": "No one knows"},
+    {"subject": "Sky", "src": "The sky is", "alt": "blue", "rephrase": "The colour of the sky is"},
+    {"subject": "Sky", "src": "What colour is the sky?", "alt": "green", "rephrase": "Sky colour?"},
+    {"subject": "Bob", "src": "Bob works at", "alt": "Acme", "rephrase": "Bob's employer is"},
+]
+LOC = [{"loc": f"Question {i}: what is {i} plus one?", "loc_ans": str(i + 1)} for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, char_tokenizer):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_eval(tmp_path, saved_model, *options):
+    data, loc, out = tmp_path / "records.json", tmp_path / "loc.json", tmp_path / "out.json"
+    data.write_text(json.dumps([dict(r, loc=LOC[i]["loc"], loc_ans=LOC[i]["loc_ans"]) for i, r in enumerate(RECORDS)]))
+    loc.write_text(json.dumps([dict(RECORDS[0], **record) for record in LOC]))
+    args = ["eval", "--model", str(saved_model), "--data", str(data), "--loc-data", str(loc), "--edits", "3",
+            "--top-k", "40", "--irr-threshold", "0.75", "--n-iter", "3", "--curve-points", "0", "--quiet",
+            "--out", str(out), *options]
+    assert main(args) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("one_per_subject", [False, True])
+def test_eval_writes_the_protocol_keys_for_the_chosen_stream(tmp_path, saved_model, one_per_subject, capsys):
+    report = run_eval(tmp_path, saved_model, *(["--one-per-subject"] if one_per_subject else []))
+    for key in ("rel", "gen", "loc", "avg", "pre_rel", "pre_gen", "edits", "sec_per_edit", "overlap_edit",
+                "overlap_rephrase", "overlap_unrelated"):
+        assert isinstance(report[key], (int, float)), key
+    assert report["edits"] == 3 and len(report["per_record"]["rel"]) == 3
+    assert report["skipped_empty_target"] == 1
+    if one_per_subject:
+        # Alice (0), Sky (3), Bob (5): no edit contradicts another
+        assert report["one_per_subject"] is True and report["last_source_record"] == 5
+        assert report["contradicted_later"] == 0
+        assert "edit stream: the first record of each subject, records 0-5" in capsys.readouterr().out
+    else:
+        # records 0, 1, 3: Alice's first edit is contradicted by her second
+        assert "one_per_subject" not in report and report["contradicted_later"] == 1
