@@ -50,7 +50,8 @@ def _config_from_args(args):
     from .config import MemoirConfig
 
     changes = {key: getattr(args, key) for key in ("target_module", "top_k", "irr_threshold", "n_iter", "lr",
-                                                     "weight_decay", "decay_scope", "key_aggregation", "memory_dtype")
+                                                     "weight_decay", "decay_scope", "key_aggregation", "memory_dtype",
+                                                     "num_background")
                if getattr(args, key) is not None}
     if args.no_fast_edit:
         changes["fast_edit"] = False
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weight-decay", type=float, default=None)
     ev.add_argument("--decay-scope", choices=DECAY_SCOPES, default=None)
     ev.add_argument("--key-aggregation", choices=KEY_AGGREGATIONS, default=None)
+    ev.add_argument("--num-background", type=int, default=None,
+                    help="irrelevant sentences averaged into the background mean mu (preset: 100)")
     ev.add_argument("--dtype", choices=_MODEL_DTYPES, default=None,
                     help="load the model in this dtype (float64 with --memory-dtype float64 compares editing "
                          "paths without float32 rounding)")

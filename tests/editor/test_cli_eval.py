@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from memoir.cli import main
 from memoir.models import tiny_model
@@ -54,3 +55,22 @@ def test_eval_writes_the_protocol_keys_for_the_chosen_stream(tmp_path, saved_mod
     else:
         # records 0, 1, 3: Alice's first edit is contradicted by her second
         assert "one_per_subject" not in report and report["contradicted_later"] == 1
+
+
+def test_num_background_sets_how_many_sentences_make_mu(tmp_path, saved_model, char_tokenizer):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from memoir import MemoirConfig, attach
+    from memoir.persistence import MEMORY_FILE
+
+    memory = tmp_path / "memory"
+    report = run_eval(tmp_path, saved_model, "--num-background", "2", "--save-memory", str(memory))
+    assert report["config"]["num_background"] == 2
+    stored_mu = load_file(memory / MEMORY_FILE)["background_mean"]
+    # An independent editor fitted on the first two background sentences gives the same mu; six give another.
+    editor = attach(AutoModelForCausalLM.from_pretrained(saved_model), char_tokenizer,
+                    MemoirConfig(top_k=40, irr_threshold=0.75))
+    sentences = [f"{r['loc']} {r['loc_ans']}" for r in LOC]
+    assert torch.equal(stored_mu, editor.collect_keys(sentences[:2]).mean(dim=0))
+    assert not torch.equal(stored_mu, editor.collect_keys(sentences).mean(dim=0))
