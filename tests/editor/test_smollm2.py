@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import memoir
-from memoir.evaluation import background_sentences, edit_records, evaluate_sequential
+from memoir.evaluation import (
+    background_sentences,
+    edit_records,
+    evaluate_sequential,
+    sweep_thresholds,
+    teacher_forced,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,3 +54,27 @@ def test_generate_writes_the_new_fact(ten_edit_report, zsre_records):
     out = editor.generate(**batch, max_new_tokens=8, do_sample=False, temperature=None, top_p=None, top_k=None)
     text = editor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert text.strip().startswith(record["alt"].strip().split()[0]), (text, record["alt"])
+
+
+def test_threshold_sweep_equals_scoring_everything_at_each_tau(ten_edit_report, zsre_records):
+    editor, report = ten_edit_report
+    edits, _ = edit_records(zsre_records, 10)
+    taus = (0.4, 0.5, 0.55, 0.7, 0.9)
+    sweep = sweep_thresholds(editor, edits, report, taus)
+    original = editor.layer.irr_threshold
+    expected = []
+    try:
+        for tau in taus:  # the plain way: route and score every row again
+            editor.layer.irr_threshold = tau
+            rel = teacher_forced(editor, [r["src"] for r in edits], [r["alt"] for r in edits])
+            gen = teacher_forced(editor, [r["rephrase"] for r in edits], [r["alt"] for r in edits])
+            loc = teacher_forced(editor, [r["loc"] for r in edits], [r["loc_ans"] for r in edits])
+            agree = [float((a == b).float().mean()) for a, b in zip(loc.predictions, report["_loc_before"], strict=True)]
+            expected.append({"tau": tau, "rel": sum(rel.accuracy) / 10, "gen": sum(gen.accuracy) / 10,
+                             "loc": sum(agree) / 10})
+    finally:
+        editor.layer.irr_threshold = original
+    assert editor.layer.irr_threshold == original
+    assert len({(row["gen"], row["loc"]) for row in expected}) >= 3  # gates do flip between these taus
+    for got, want in zip(sweep, expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-12), (got, want)
