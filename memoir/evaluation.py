@@ -267,6 +267,7 @@ def sweep_thresholds(editor, records: list[dict], report: dict,
     every row at every tau had not finished after 83).
     """
     layer, original = editor.layer, editor.layer.irr_threshold
+    has_masks = layer.num_masks > 0
     per_record = report["per_record"]
     sets = {  # name: prompts, answers, scores at the current tau, routing overlaps, reference predictions
         "rel": ([r["src"] for r in records], [r["alt"] for r in records], per_record["rel"],
@@ -282,8 +283,9 @@ def sweep_thresholds(editor, records: list[dict], report: dict,
             layer.irr_threshold = tau
             row = {"tau": tau}
             for name, (prompts, answers, scores, overlaps, before) in sets.items():
-                # The same float64 comparison as the layer's gate (its integer threshold is derived from it).
-                flipped = [i for i, o in enumerate(overlaps) if layer.num_masks and (o >= tau) != (o >= original)]
+                # The same float64 comparison as the layer's gate (its integer threshold is derived from
+                # it); with an empty bank no gate opens at any tau.
+                flipped = [i for i, o in enumerate(overlaps) if (o >= tau) != (o >= original)] if has_masks else []
                 row[name] = _mean(_rescored(editor, prompts, answers, scores, flipped, before))
             rows.append(row)
     finally:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from memoir.cli import main
+from memoir.evaluation import background_sentences
 from memoir.models import tiny_model
 
 # Two subjects asked twice with different targets, one record with an empty target, one unique subject.
@@ -71,6 +72,6 @@ def test_num_background_sets_how_many_sentences_make_mu(tmp_path, saved_model, c
     # An independent editor fitted on the first two background sentences gives the same mu; six give another.
     editor = attach(AutoModelForCausalLM.from_pretrained(saved_model), char_tokenizer,
                     MemoirConfig(top_k=40, irr_threshold=0.75))
-    sentences = [f"{r['loc']} {r['loc_ans']}" for r in LOC]
+    sentences = background_sentences(LOC, len(LOC))
     assert torch.equal(stored_mu, editor.collect_keys(sentences[:2]).mean(dim=0))
     assert not torch.equal(stored_mu, editor.collect_keys(sentences).mean(dim=0))
