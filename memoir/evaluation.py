@@ -19,6 +19,9 @@ __all__ = ["load_zsre", "edit_records", "edit_stream", "first_of_each_subject", 
 
 def load_zsre(path) -> list[dict]:
     """ZsRE records (``src``, ``alt``, ``rephrase``, ``loc``, ``loc_ans``, ...) from a JSON array."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no ZsRE file at {path}: pass --data FILE or set MEMOIR_ZSRE_DATA (the records "
+                                "ship in shared/data/zsre/ beside the repository)")
     records = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"{path} is not a JSON array of ZsRE records")

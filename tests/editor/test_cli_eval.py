@@ -75,3 +75,13 @@ def test_num_background_sets_how_many_sentences_make_mu(tmp_path, saved_model, c
     sentences = background_sentences(LOC, len(LOC))
     assert torch.equal(stored_mu, editor.collect_keys(sentences[:2]).mean(dim=0))
     assert not torch.equal(stored_mu, editor.collect_keys(sentences).mean(dim=0))
+
+
+def test_missing_or_malformed_records_file_is_named_with_the_fix(tmp_path):
+    from memoir.evaluation import load_zsre
+
+    with pytest.raises(FileNotFoundError, match="MEMOIR_ZSRE_DATA"):
+        load_zsre(tmp_path / "absent.json")
+    (tmp_path / "object.json").write_text('{"src": "x"}')
+    with pytest.raises(ValueError, match="not a JSON array"):
+        load_zsre(tmp_path / "object.json")
