@@ -47,6 +47,7 @@ class _Preset:
     n_iter: int = 30
     lr: float = 1.0
     weight_decay: float = 1e-5
+    rehearse: int = 4  # the product's default (README, "Rehearsal"); 0 is the faithful recipe
 
 
 # Keyed by (model_type, n_layers, hidden size, intermediate size). The LLaMA-3 / Mistral values are
@@ -134,4 +135,6 @@ def resolve_config(model: nn.Module, config: MemoirConfig | None) -> MemoirConfi
         changes["lr"] = preset.lr
     if config.weight_decay is None:
         changes["weight_decay"] = preset.weight_decay
+    if config.rehearse is None:
+        changes["rehearse"] = preset.rehearse
     return config.replace(**changes) if changes else config

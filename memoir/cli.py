@@ -51,10 +51,13 @@ def _config_from_args(args):
 
     changes = {key: getattr(args, key) for key in ("target_module", "top_k", "irr_threshold", "n_iter", "lr",
                                                      "weight_decay", "decay_scope", "key_aggregation", "memory_dtype",
-                                                     "num_background")
+                                                     "num_background", "rehearse", "rehearse_select",
+                                                     "rehearse_min_overlap", "rehearse_weight")
                if getattr(args, key) is not None}
     if args.no_fast_edit:
         changes["fast_edit"] = False
+    if args.rehearse_prefixes:
+        changes["rehearse_prefixes"] = True
     return MemoirConfig(**changes)
 
 
@@ -147,7 +150,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DECAY_SCOPES, KEY_AGGREGATIONS, MEMORY_DTYPES
+    from .config import DECAY_SCOPES, KEY_AGGREGATIONS, MEMORY_DTYPES, REHEARSE_SELECTIONS
 
     parser = argparse.ArgumentParser(prog="python -m memoir", description="MEMOIR lifelong model editing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weight-decay", type=float, default=None)
     ev.add_argument("--decay-scope", choices=DECAY_SCOPES, default=None)
     ev.add_argument("--key-aggregation", choices=KEY_AGGREGATIONS, default=None)
+    ev.add_argument("--rehearse", type=int, default=None, metavar="R",
+                    help="stored edits rehearsed per edit (0: the faithful recipe; default: the preset)")
+    ev.add_argument("--rehearse-select", choices=REHEARSE_SELECTIONS, default=None)
+    ev.add_argument("--rehearse-min-overlap", type=float, default=None, metavar="RATIO")
+    ev.add_argument("--rehearse-weight", type=float, default=None)
+    ev.add_argument("--rehearse-prefixes", action="store_true", help="rehearse with the context-prefix rows too")
     ev.add_argument("--num-background", type=int, default=None,
                     help="irrelevant sentences averaged into the background mean mu (preset: 100)")
     ev.add_argument("--dtype", choices=_MODEL_DTYPES, default=None,

@@ -8,11 +8,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["MemoirConfig", "CONFIG_FORMAT_VERSION", "KEY_AGGREGATIONS", "DECAY_SCOPES"]
+__all__ = ["MemoirConfig", "CONFIG_FORMAT_VERSION", "KEY_AGGREGATIONS", "DECAY_SCOPES", "REHEARSE_SELECTIONS"]
 
 CONFIG_FORMAT_VERSION = 1
 KEY_AGGREGATIONS = ("mean_decentered", "mean", "last")
 DECAY_SCOPES = ("all", "masked")
+REHEARSE_SELECTIONS = ("overlap", "recent")
 MEMORY_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -45,6 +46,23 @@ class MemoirConfig:
         default="all",
         metadata={"help": "'all' decays the whole memory each step (reference); 'masked' only the edit's columns."},
     )
+    rehearse: int | None = field(
+        default=None,
+        metadata={"help": "Stored edits rehearsed in each new edit's batch (0 = the faithful recipe); None = preset."},
+    )
+    rehearse_select: str = field(
+        default="overlap",
+        metadata={"help": "Which stored edits: 'overlap' (masks overlapping the new mask most) or 'recent'."},
+    )
+    rehearse_min_overlap: float = field(
+        default=0.0, metadata={"help": "Only rehearse stored edits whose mask overlaps the new one at least this ratio."}
+    )
+    rehearse_weight: float = field(
+        default=1.0, metadata={"help": "Loss weight of a rehearsed row relative to a row of the new edit."}
+    )
+    rehearse_prefixes: bool = field(
+        default=False, metadata={"help": "Rehearse each stored edit with its context-prefix rows too (11 rows)."}
+    )
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip per step (0 disables)."})
     early_stop_loss: float = field(default=0.02, metadata={"help": "Stop when the loss is at most this..."})
     early_stop_delta: float = field(default=1e-4, metadata={"help": "...and changed by at most this."})
@@ -76,6 +94,14 @@ class MemoirConfig:
         _check(self.lr is None or self.lr > 0, "lr must be positive")
         _check(self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0")
         _check(self.decay_scope in DECAY_SCOPES, f"decay_scope must be one of {DECAY_SCOPES}")
+        _check(self.rehearse is None or (isinstance(self.rehearse, int) and not isinstance(self.rehearse, bool)
+                                         and self.rehearse >= 0), "rehearse must be an int >= 0 or None")
+        _check(self.rehearse_select in REHEARSE_SELECTIONS, f"rehearse_select must be one of {REHEARSE_SELECTIONS}")
+        _check(_is_number(self.rehearse_min_overlap) and 0.0 <= self.rehearse_min_overlap <= 1.0,
+               "rehearse_min_overlap must be a number in [0, 1]")
+        _check(_is_number(self.rehearse_weight) and 0.0 < self.rehearse_weight < float("inf"),
+               "rehearse_weight must be a finite number > 0")
+        _check(isinstance(self.rehearse_prefixes, bool), "rehearse_prefixes must be a bool")
         _check(self.grad_clip >= 0, "grad_clip must be >= 0")
         _check(all(n > 0 for n in self.context_lengths), "context_lengths must be positive")
         _check(self.num_background > 0, "num_background must be positive")
@@ -123,6 +149,10 @@ class MemoirConfig:
     def replace(self, **changes) -> MemoirConfig:
         """A copy with ``changes`` applied (validated)."""
         return dataclasses.replace(self, **changes)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(condition: bool, message: str) -> None:

@@ -64,8 +64,11 @@ class MEMOIRHyperParams:
     """The reference plug-in's hyper-parameters (same keys and defaults), validated.
 
     Extension keys (absent from the reference, optional): ``weight_decay`` (``None``: the model
-    preset, 1e-5 as in the reference for its models) and ``num_background`` (rows of the background
-    feature file averaged into mu; the reference uses 100).
+    preset, 1e-5 as in the reference for its models), ``num_background`` (rows of the background
+    feature file averaged into mu; the reference uses 100) and the rehearsal keys ``rehearse``
+    (stored edits rehearsed per edit; default 0, the reference's recipe), ``rehearse_select``,
+    ``rehearse_min_overlap``, ``rehearse_weight``, ``rehearse_prefixes`` (see
+    :class:`memoir.MemoirConfig`).
     """
 
     edit_lr: float
@@ -87,6 +90,11 @@ class MEMOIRHyperParams:
     dir_to_save_background_features: str | None = None
     weight_decay: float | None = None
     num_background: int = 100
+    rehearse: int = 0
+    rehearse_select: str = "overlap"
+    rehearse_min_overlap: float = 0.0
+    rehearse_weight: float = 1.0
+    rehearse_prefixes: bool = False
 
     def __post_init__(self) -> None:
         if self.alg_name != "MEMOIR":
@@ -168,7 +176,9 @@ class MEMOIRHyperParams:
         """The :class:`MemoirConfig` these hyper-parameters describe (other fields from ``base``)."""
         changes = dict(target_module=self.target_module, top_k=self.top_k, irr_threshold=self.irr_threshold,
                        key_aggregation=self.prompt_feature_agg, n_iter=self.n_iter, lr=self.edit_lr,
-                       num_background=self.num_background)
+                       num_background=self.num_background, rehearse=self.rehearse,
+                       rehearse_select=self.rehearse_select, rehearse_min_overlap=self.rehearse_min_overlap,
+                       rehearse_weight=self.rehearse_weight, rehearse_prefixes=self.rehearse_prefixes)
         if self.weight_decay is not None:
             changes["weight_decay"] = self.weight_decay
         return (base or MemoirConfig()).replace(**changes)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -15,9 +17,11 @@ from .architectures import Architecture, architecture_of, get_submodule, resolve
 from .checkpoint import resume_stream, terminate_as_interrupt, write_checkpoint
 from .config import MemoirConfig
 from .layer import MemoirLayer, StopForward
+from .registry import EditRecord, EditRegistry, read_edits_file, utc_now
+from .rehearsal import build_training_batch, choose_rehearsal
 from .routing import RoutingState
 from .tokens import pad_id_of
-from .training import BlockStack, EditResult, build_edit_batch, cached_context_prefixes, optimise_edit
+from .training import BlockStack, EditResult, cached_context_prefixes, optimise_edit
 
 __all__ = ["MemoirEditor", "attach", "validate_request", "summarise"]
 
@@ -75,6 +79,8 @@ class MemoirEditor:
         self.context_prefixes: list[str] | None = None
         self.num_edits = 0
         self.history: list[EditResult] = []
+        self.registry = EditRegistry()
+        self._warned_unrecorded = False
         self._routing = RoutingState()
         self._stack = self._find_block_stack(architecture_of(model)) if config.fast_edit else None
         self._replace(target, self.layer)
@@ -254,28 +260,109 @@ class MemoirEditor:
             self.fit_background(prefixes)
         start = time.perf_counter()
         saved = self.layer.memory.detach().clone()
+        replaced = self.registry.find(prompt)
         try:
-            batch = build_edit_batch(self.tokenizer, prompt, target, prefixes).to(self.device)
+            rehearsed = self._choose_rehearsal(prompt)
+            batch, rehearsal = build_training_batch(self.tokenizer, prompt, target, prefixes, rehearsed,
+                                                    self.layer.bank_bits, self.config)
+            if rehearsal is not None:
+                rehearsal.bits = rehearsal.bits.to(self.device)
             with self._frozen_model():
-                losses, bits = optimise_edit(self.model, self.layer, self.config, batch, self._stack)
+                losses, bits = optimise_edit(self.model, self.layer, self.config, batch.to(self.device),
+                                             self._stack, rehearsal)
             row, added = self.layer.add_mask(bits)
         except BaseException:
             with torch.no_grad():
                 self.layer.memory.copy_(saved)
             raise
-        self._routing.reset()
         self.num_edits += 1
-        result = EditResult(prompt, target, losses, row, added, time.perf_counter() - start)
+        result = EditResult(prompt, target, losses, row, added, time.perf_counter() - start, len(rehearsed),
+                            utc_now())
         self.history.append(result)
+        self._record(result, replaced)
         return result
 
-    def edit_many(self, requests: Iterable[dict], progress: bool = True,
+    def _choose_rehearsal(self, prompt: str) -> list[EditRecord]:
+        """The stored edits to rehearse in this edit's batch (none with ``rehearse`` 0)."""
+        if not self.config.rehearse or not self.layer.num_masks:
+            return []
+        if self.registry.unrecorded:
+            if not self._warned_unrecorded:
+                self._warned_unrecorded = True
+                warnings.warn(f"MEMOIR: this memory holds {self.registry.unrecorded} edits saved without their "
+                              "prompts (a file from before the edit registry): editing without rehearsal",
+                              stacklevel=3)
+            return []
+        if not any(record.active for record in self.registry):
+            return []
+        return choose_rehearsal(self.registry, self.layer.bank_bits, self._prompt_mask(prompt), self.config,
+                                self.layer.top_k, prompt)
+
+    def _prompt_mask(self, prompt: str) -> torch.Tensor:
+        """TopHash mask ``[1, W]`` of ``prompt`` alone, as routing computes it."""
+        key = self._collect_keys([prompt], 1).to(self.device)
+        mu = self.layer._mu()
+        return self.layer.mask_from_key(key - mu if mu is not None else key)
+
+    def _record(self, result: EditResult, replaced: list[EditRecord]) -> None:
+        """Add ``result`` to the registry; earlier active edits of the same prompt become replaced."""
+        index = self.registry.next_index()
+        self.registry.append(EditRecord(index, result.prompt, result.target, result.time, result.iterations,
+                                        result.final_loss, result.seconds, result.mask_row, result.new_mask,
+                                        rehearsed=result.rehearsed))
+        for record in replaced:
+            self.registry.mark_replaced(record.index, index)
+        self.sync_routing()
+
+    def sync_routing(self) -> None:
+        """Make routing follow the registry (withdrawn rows stop gating) and drop cached decisions."""
+        self.layer.row_active = self.registry.row_active(self.layer.num_masks, self.layer.bank_bits.device)
+        self._routing.reset()
+
+    # ------------------------------------------------------------------------------- registry
+    @property
+    def edits(self) -> tuple[EditRecord, ...]:
+        """Every edit of this memory in order (read-only records: ``.prompt``, ``.target``, ``.status``,
+        ``.time``, ``.final_loss``, ...); ``editor.edits[i]`` is edit ``i``."""
+        return self.registry.records
+
+    def find(self, prompt: str) -> list[EditRecord]:
+        """The active edit record(s) whose prompt is exactly ``prompt``."""
+        return self.registry.find(prompt)
+
+    def withdraw(self, index: int) -> EditRecord:
+        """Take edit ``index`` (as in ``editor.edits[index]``) back: its mask stops routing.
+
+        Its prompt then gives the original model's output bit for bit, and every other prompt
+        gives exactly what it gave before (the row stays in the bank; its columns are untouched).
+        A mask row shared by several edits (identical masks) keeps routing while any of them is
+        active. Saved with the memory. Returns the updated record.
+        """
+        self._require_attached()
+        record = self.registry.withdraw(index)
+        self.sync_routing()
+        return record
+
+    def export_edits(self, path) -> int:
+        """Write the active edits (prompt, target, time) as JSON Lines to ``path``; returns how many.
+
+        ``edit_many(path)`` replays the file onto another model, e.g. a new version of the base
+        model that the old memory's fingerprint no longer matches.
+        """
+        from .persistence import atomic_write_text
+
+        lines = self.registry.export_lines()
+        atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+        return len(lines)
+
+    def edit_many(self, requests: Iterable[dict] | str | os.PathLike, progress: bool = True,
                   background: Sequence[str] | None = None, checkpoint_dir=None,
                   checkpoint_every: int = 100, on_edit: Callable[[int], None] | None = None) -> list[EditResult]:
         """Apply edits one after another (sequential editing), with a progress bar.
 
         Args:
-            requests: dicts with ``prompt`` and ``target`` (``target_new`` accepted); an optional
+            requests: dicts with ``prompt`` and ``target`` (``target_new`` accepted), or the path of
+                a JSON Lines file of them (what :meth:`export_edits` writes); an optional
                 ``loc_prompt`` / ``irrelevant`` sentence per request feeds the background mean
                 when none was fitted yet.
             progress: show a tqdm bar (edits per second, last loss, stored masks) and a summary.
@@ -295,7 +382,7 @@ class MemoirEditor:
         All requests are validated before the first edit, so a bad one changes nothing.
         """
         self._require_attached()
-        requests = list(requests)
+        requests = read_edits_file(requests) if isinstance(requests, (str, os.PathLike)) else list(requests)
         pairs = [validate_request(r, i) for i, r in enumerate(requests)]
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -357,7 +444,7 @@ class MemoirEditor:
             return {"index": [-1] * n, "overlap": [0.0] * n, "gate": [False] * n}
         return {
             "index": decision.index.tolist(),
-            "overlap": (decision.overlap.double() / self.layer.top_k).tolist(),
+            "overlap": (decision.overlap.clamp_min(0).double() / self.layer.top_k).tolist(),
             "gate": decision.gate.tolist(),
         }
 
@@ -371,6 +458,7 @@ class MemoirEditor:
 
     def __repr__(self) -> str:
         return (f"MemoirEditor({self.config.target_module}, edits={self.num_edits}, masks={self.layer.num_masks}, "
+                f"rehearse={self.config.rehearse}, "
                 f"top_k={self.config.top_k}, tau={self.config.irr_threshold}, attached={self.attached})")
 
 

@@ -119,7 +119,7 @@ def teacher_forced(editor, prompts: list[str], answers: list[str], batch_size: i
             result.accuracy.append(float((got == want).float().mean()) if want.numel() else 0.0)
         decision = layer.last_decision if layer.num_masks else None
         rows = batch.input_ids.shape[0]
-        result.overlap += (decision.overlap.double() / layer.top_k).tolist() if decision else [0.0] * rows
+        result.overlap += (decision.overlap.clamp_min(0).double() / layer.top_k).tolist() if decision else [0.0] * rows
         result.index += decision.index.tolist() if decision else [-1] * rows
     return result
 
@@ -216,6 +216,7 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
         "median_sec_per_edit": statistics.median(r.seconds for r in results) if apply_edits else float("nan"),
         "mean_iterations": _mean(r.iterations for r in results),
         "mean_final_loss": _mean(r.final_loss for r in results),
+        "mean_rehearsed": _mean(r.rehearsed for r in results),
         "overlap_edit": _mean(rel.overlap),
         "overlap_rephrase": _mean(gen.overlap),
         "overlap_unrelated": _mean(loc_after.overlap),
@@ -229,6 +230,7 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
             "rel": rel.accuracy, "gen": gen.accuracy, "loc": loc_scores,
             "overlap_edit": rel.overlap, "overlap_rephrase": gen.overlap, "overlap_unrelated": loc_after.overlap,
             "iterations": [r.iterations for r in results], "final_loss": [r.final_loss for r in results],
+            "rehearsed": [r.rehearsed for r in results],
             "losses": [r.losses for r in results],
         },
     }

@@ -71,11 +71,17 @@ def linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Te
     return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, token_weights, workspace)
 
 
-def row_mean_weights(rows: torch.Tensor, num_rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def row_mean_weights(rows: torch.Tensor, num_rows: int, dtype: torch.dtype = torch.float32,
+                     row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """``[n]`` weights turning a weighted token sum into the mean over rows of each row's mean.
 
     ``rows[i]`` is the batch row of token ``i``; a row without tokens contributes zero to the mean.
+    With ``row_weights [num_rows]`` the mean over rows is weighted: row r counts
+    ``row_weights[r] / row_weights.sum()``.
     """
     ones = torch.ones(len(rows), dtype=dtype, device=rows.device)
     counts = ones.new_zeros(num_rows).index_add(0, rows, ones)
-    return 1.0 / (counts[rows] * num_rows)
+    if row_weights is None:
+        return 1.0 / (counts[rows] * num_rows)
+    share = row_weights.to(dtype=dtype, device=rows.device)
+    return share[rows] / (counts[rows] * share.sum())

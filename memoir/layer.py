@@ -113,6 +113,11 @@ class MemoirLayer(nn.Module):
         self.mode = "route"
         self.call: CallContext | None = None
         self.train_bits: torch.Tensor | None = None  # [1, W] mask of the edit being trained
+        # [R, W] stored masks of the last R rows of the training batch (rehearsed edits), or None.
+        self.rehearsal_bits: torch.Tensor | None = None
+        # [N] bool, False for a withdrawn bank row (the editor keeps it in step with the registry);
+        # None when every row routes, so the routed forward pays nothing for it.
+        self.row_active: torch.Tensor | None = None
         self.collected: list[torch.Tensor] = []
         self.captured_input: torch.Tensor | None = None
         self.last_decision: RouteDecision | None = None
@@ -212,7 +217,16 @@ class MemoirLayer(nn.Module):
         # entering this layer do not depend on the memory, so it never changes later.
         if self.train_bits is None:
             self.train_bits = self.edit_mask(acts)
-        return unpack_bits(self.train_bits, self.in_features)
+        return self.training_masks(acts.shape[0])
+
+    def training_masks(self, rows: int) -> torch.Tensor:
+        """Unpacked masks of a training batch of ``rows`` rows: ``[1, D]`` (one mask for every row)
+        or, with rehearsed rows at the end of the batch, ``[rows, D]`` (each those its stored mask)."""
+        own = unpack_bits(self.train_bits, self.in_features)
+        if self.rehearsal_bits is None:
+            return own
+        stored = unpack_bits(self.rehearsal_bits, self.in_features)
+        return torch.cat([own.expand(rows - stored.shape[0], -1), stored])
 
     def _decide(self, acts: torch.Tensor) -> RouteDecision:
         call = self.call
@@ -220,6 +234,10 @@ class MemoirLayer(nn.Module):
             return call.reuse
         query = self.query_bits(acts, self._window(acts))
         index, overlap = mask_search(query, self.bank_bits)
+        if self.row_active is not None:
+            # A withdrawn nearest mask gates nothing (overlap -1 is below every threshold); the
+            # row stays in the bank so that no other prompt's nearest mask changes.
+            overlap = torch.where(self.row_active[index], overlap, torch.full_like(overlap, -1))
         # The gate (overlap / k >= tau) stays an integer threshold for the down projection to apply.
         decision = RouteDecision(index, overlap, self._min_overlap(), self.bank_bits)
         if call is not None:

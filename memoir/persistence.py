@@ -11,16 +11,21 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-__all__ = ["save_editor", "load", "restore_into", "read_metadata", "layer_fingerprint", "MEMORY_FILE", "CONFIG_FILE", "MEMORY_FORMAT_VERSION"]
+__all__ = ["save_editor", "load", "restore_into", "read_metadata", "read_registry", "write_registry",
+           "atomic_write_text", "layer_fingerprint", "MEMORY_FILE", "CONFIG_FILE", "MEMORY_FORMAT_VERSION"]
 
 CONFIG_FILE = "memoir_config.json"
 MEMORY_FILE = "memoir_memory.safetensors"
-MEMORY_FORMAT_VERSION = 1
+# 2: the header holds the edit registry ("edit_registry"); version 1 files still load (no records).
+MEMORY_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_REGISTRY_KEY = "edit_registry"
 
 
 def layer_fingerprint(module: nn.Module) -> str:
@@ -60,11 +65,17 @@ def save_editor(editor, path, extra_metadata: dict[str, str] | None = None) -> N
         "has_background": json.dumps(layer.has_background),
         "context_prefixes": json.dumps(editor.context_prefixes),
         "num_edits": str(editor.num_edits),
+        _REGISTRY_KEY: editor.registry.to_json(),
         **(extra_metadata or {}),
     }
     # The config first: the memory file is the last thing written, so its presence means complete.
     _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(editor.config.to_json() + "\n"))
     _atomic_write(directory / MEMORY_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write_text(final: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``final`` atomically: a reader sees the old file or the new one."""
+    _atomic_write(Path(final), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _atomic_write(final: Path, write) -> None:
@@ -119,8 +130,10 @@ def _validate(config, metadata: dict, tensors: dict, layer) -> None:
     if missing:
         raise ValueError(f"the memory file lacks tensors {sorted(missing)}")
     version = int(metadata.get("format_version", "0"))
-    if version != MEMORY_FORMAT_VERSION:
-        raise ValueError(f"memory format version {version} is not supported (expected {MEMORY_FORMAT_VERSION})")
+    if version not in _READABLE_VERSIONS:
+        raise ValueError(f"memory format version {version} is not supported (this version reads "
+                         f"{', '.join(map(str, _READABLE_VERSIONS))})")
+    _registry_of(metadata, tensors["bank_bits"].shape[0])  # raises for a malformed registry
     if metadata.get("target_module") != config.target_module:
         raise ValueError("memory file and config disagree on the target module")
     expected = layer_fingerprint(layer.base_layer)
@@ -207,3 +220,47 @@ def _restore(editor, metadata: dict, tensors: dict) -> None:
     prefixes = json.loads(metadata.get("context_prefixes", "null"))
     editor.context_prefixes = list(prefixes) if prefixes is not None else None
     editor.num_edits = int(metadata.get("num_edits", "0"))
+    editor.registry = _registry_of(metadata, layer.bank_bits.shape[0])
+    if _REGISTRY_KEY not in metadata and editor.num_edits:
+        warnings.warn(f"MEMOIR: this memory was saved before the edit registry: its {editor.num_edits} edits "
+                      "are not listed (they keep routing; they cannot be withdrawn or rehearsed)", stacklevel=3)
+    editor.sync_routing()
+
+
+def _registry_of(metadata: dict, num_rows: int):
+    """The edit registry stored in ``metadata``; a file without one gives an empty registry whose
+    ``unrecorded`` count is the file's number of edits."""
+    from .registry import EditRegistry
+
+    text = metadata.get(_REGISTRY_KEY)
+    if text is None:
+        return EditRegistry(unrecorded=int(metadata.get("num_edits", "0")))
+    registry = EditRegistry.from_json(text)
+    bad = [r.index for r in registry if r.mask_row >= num_rows]
+    if bad:
+        raise ValueError(f"edit records {bad[:5]} point at mask rows beyond the bank's {num_rows}")
+    return registry
+
+
+def read_registry(path):
+    """The edit registry of the memory saved at ``path`` (no model needed)."""
+    from safetensors import safe_open
+
+    memory_path = Path(path) / MEMORY_FILE
+    metadata = read_metadata(path)
+    with safe_open(str(memory_path), framework="pt") as handle:
+        num_rows = handle.get_slice("bank_bits").get_shape()[0]
+    return _registry_of(metadata, num_rows)
+
+
+def write_registry(path, registry) -> None:
+    """Replace the edit registry of the memory saved at ``path`` in one atomic rewrite of its file
+    (tensors and every other header entry unchanged)."""
+    from safetensors.torch import save_file
+
+    config, metadata, tensors = _read(Path(path))
+    _registry_of(metadata, tensors["bank_bits"].shape[0])
+    if _REGISTRY_KEY not in metadata and int(metadata.get("num_edits", "0")):
+        raise ValueError(f"the memory at {path} was saved before the edit registry: its edits are not listed")
+    metadata = {**metadata, _REGISTRY_KEY: registry.to_json(), "format_version": str(MEMORY_FORMAT_VERSION)}
+    _atomic_write(Path(path) / MEMORY_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))

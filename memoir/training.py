@@ -23,7 +23,8 @@ from .head_loss import linear_cross_entropy, loss_dtype, row_mean_weights
 from .layer import CallContext, MemoirLayer
 from .tokens import TokenBatch, batch_prompt_target
 
-__all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "build_edit_batch", "optimise_edit", "BlockStack"]
+__all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "edit_prompts", "build_edit_batch", "optimise_edit", "BlockStack",
+           "Rehearsal"]
 
 
 @dataclass
@@ -36,6 +37,8 @@ class EditResult:
     mask_row: int = -1  # bank row of the edit's mask
     new_mask: bool = True  # False when an identical mask was already stored
     seconds: float = 0.0
+    rehearsed: int = 0  # stored edits rehearsed in this edit's batch
+    time: str = ""  # UTC time the edit finished (ISO 8601)
 
     @property
     def iterations(self) -> int:
@@ -119,18 +122,29 @@ def _pad_for_generate(tokenizer) -> int:
     return pad if pad is not None else 0
 
 
+def edit_prompts(prompt: str, prefixes: list[str]) -> list[str]:
+    """The prompts of an edit's rows: ``prompt`` itself, then ``prefix + ' ' + prompt`` per prefix."""
+    return [prompt] + [f"{prefix} {prompt}" for prefix in prefixes]
+
+
 def build_edit_batch(tokenizer, prompt: str, target: str, prefixes: list[str]) -> TokenBatch:
     """Row 0: ``prompt + ' ' + target``; then one row per context prefix, ``prefix + ' ' + row 0``."""
-    prompts = [prompt] + [f"{prefix} {prompt}" for prefix in prefixes]
+    prompts = edit_prompts(prompt, prefixes)
     return batch_prompt_target(tokenizer, prompts, [target] * len(prompts))
 
 
-def _mean_row_loss(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Mean over rows of each row's mean target cross-entropy (``logits [n, V]`` for ``n`` targets)."""
+def _mean_row_loss(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int,
+                   row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of each row's mean target cross-entropy (``logits [n, V]`` for ``n`` targets),
+    weighted by ``row_weights [num_rows]`` when given."""
     token_loss = F.cross_entropy(logits.to(loss_dtype(logits.dtype)), labels, reduction="none")
     per_row = token_loss.new_zeros(num_rows).index_add(0, rows, token_loss)
     counts = token_loss.new_zeros(num_rows).index_add(0, rows, torch.ones_like(token_loss))
-    return (per_row / counts.clamp_min(1.0)).mean()
+    row_loss = per_row / counts.clamp_min(1.0)
+    if row_weights is None:
+        return row_loss.mean()
+    share = row_weights.to(row_loss)
+    return (row_loss * share).sum() / share.sum()
 
 
 class _Captured(Exception):
@@ -140,15 +154,15 @@ class _Captured(Exception):
 class _PlainLoss:
     """Reference recipe: the whole model forward, logits on every position."""
 
-    def __init__(self, model: nn.Module, batch: TokenBatch) -> None:
-        self.model, self.batch = model, batch
+    def __init__(self, model: nn.Module, batch: TokenBatch, row_weights: torch.Tensor | None = None) -> None:
+        self.model, self.batch, self.row_weights = model, batch, row_weights
         self.rows, self.positions = batch.target_positions()
         self.labels = batch.input_ids[self.rows, self.positions]
 
     def __call__(self) -> torch.Tensor:
         output = self.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
         logits = output.logits[self.rows, self.positions - 1]
-        return _mean_row_loss(logits, self.labels, self.rows, self.batch.input_ids.shape[0])
+        return _mean_row_loss(logits, self.labels, self.rows, self.batch.input_ids.shape[0], self.row_weights)
 
 
 def _first(output):
@@ -164,18 +178,18 @@ class _FastLoss(_PlainLoss):
     starts from there and runs only the blocks above.
     """
 
-    def __init__(self, model: nn.Module, batch: TokenBatch, stack: BlockStack, layer: MemoirLayer) -> None:
-        super().__init__(model, batch)
+    def __init__(self, model: nn.Module, batch: TokenBatch, stack: BlockStack, layer: MemoirLayer,
+                 row_weights: torch.Tensor | None = None) -> None:
+        super().__init__(model, batch, row_weights)
         self.stack, self.layer = stack, layer
         self.args, self.kwargs, self.block_output = self._capture()
         self.acts = layer.captured_input
         layer.captured_input = None
         layer.train_bits = layer.edit_mask(self.acts)
-        from memoir_kernels import unpack_bits
-
-        self.masks = unpack_bits(layer.train_bits, layer.in_features)
+        self.masks = layer.training_masks(batch.input_ids.shape[0])
         self.needed_tokens, self.loss_tokens = self._token_selection()
-        self.token_weights = row_mean_weights(self.rows, batch.input_ids.shape[0], loss_dtype(self.acts.dtype))
+        self.token_weights = row_mean_weights(self.rows, batch.input_ids.shape[0], loss_dtype(self.acts.dtype),
+                                              row_weights)
         self.logits_buffer: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -234,7 +248,8 @@ class _FastLoss(_PlainLoss):
                                                         dtype=loss_dtype(selected.dtype))
             return linear_cross_entropy(selected, self.stack.head, self.labels, self.token_weights,
                                         self.logits_buffer)
-        return _mean_row_loss(self.stack.head(selected), self.labels, self.rows, self.batch.input_ids.shape[0])
+        return _mean_row_loss(self.stack.head(selected), self.labels, self.rows, self.batch.input_ids.shape[0],
+                              self.row_weights)
 
 
 @contextlib.contextmanager
@@ -271,22 +286,40 @@ def _mlp_on_tokens(block: nn.Module, mlp_path: str | None, tokens: torch.Tensor)
             handle.remove()
 
 
+@dataclass
+class Rehearsal:
+    """Rows of stored edits appended to an edit's batch, each trained with its own stored mask."""
+
+    bits: torch.Tensor  # [R, W] int64, the stored mask of each of the batch's last R rows
+    row_weights: torch.Tensor  # [rows of the whole batch] loss weight of each row
+
+    @property
+    def rows(self) -> int:
+        return self.bits.shape[0]
+
+
 def optimise_edit(
-    model: nn.Module, layer: MemoirLayer, config: MemoirConfig, batch: TokenBatch, stack: BlockStack | None
+    model: nn.Module, layer: MemoirLayer, config: MemoirConfig, batch: TokenBatch, stack: BlockStack | None,
+    rehearsal: Rehearsal | None = None,
 ) -> tuple[list[float], torch.Tensor]:
     """Train W_m on ``batch`` with the edit's mask; returns the losses and the mask bits ``[1, W]``.
 
     SGD (lr, weight decay), gradient-norm clip, at most ``n_iter`` steps, early stop when the loss
-    changed by at most ``early_stop_delta`` and is at most ``early_stop_loss``.
+    changed by at most ``early_stop_delta`` and is at most ``early_stop_loss``. With ``rehearsal``,
+    the batch's last ``rehearsal.rows`` rows are stored edits, each trained with its stored mask,
+    and the rows' losses are weighted by ``rehearsal.row_weights``.
     """
     layer.train_bits = None
+    layer.rehearsal_bits = rehearsal.bits if rehearsal is not None else None
+    row_weights = rehearsal.row_weights if rehearsal is not None else None
     layer.call = CallContext(window=batch.prompt_window())
     memory = layer.memory
     decay = config.weight_decay if config.decay_scope == "all" else 0.0
     optimizer = torch.optim.SGD([memory], lr=config.lr, weight_decay=decay)
     losses: list[float] = []
     try:
-        compute_loss = _FastLoss(model, batch, stack, layer) if stack is not None else _PlainLoss(model, batch)
+        compute_loss = (_FastLoss(model, batch, stack, layer, row_weights) if stack is not None
+                        else _PlainLoss(model, batch, row_weights))
         layer.mode = "train"
         memory.requires_grad_(True)
         for _ in range(config.n_iter):
@@ -303,7 +336,7 @@ def optimise_edit(
     finally:
         memory.requires_grad_(False)
         memory.grad = None
-        layer.mode, layer.call = "route", None
+        layer.mode, layer.call, layer.rehearsal_bits = "route", None, None
     return losses, layer.train_bits
 
 
@@ -312,7 +345,11 @@ def _finish_gradient(layer: MemoirLayer, config: MemoirConfig) -> None:
     if config.decay_scope == "masked" and config.weight_decay:
         from memoir_kernels import unpack_bits
 
-        rows = unpack_bits(layer.train_bits, layer.in_features)[0].to(memory.dtype).unsqueeze(1)
+        # The rows being trained: the edit's mask and, with rehearsal, the rehearsed edits' masks.
+        trained = unpack_bits(layer.train_bits, layer.in_features)[0]
+        if layer.rehearsal_bits is not None:
+            trained = trained | unpack_bits(layer.rehearsal_bits, layer.in_features).any(dim=0)
+        rows = trained.to(memory.dtype).unsqueeze(1)
         memory.grad.add_(memory.detach() * rows, alpha=config.weight_decay)
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_([memory], config.grad_clip)
