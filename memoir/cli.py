@@ -1,4 +1,4 @@
-"""Command line: ``python -m memoir demo``, ``python -m memoir eval`` and ``python -m memoir report``."""
+"""Command line: ``python -m memoir demo``, ``eval``, ``edits`` and ``report``."""
 
 from __future__ import annotations
 
@@ -149,6 +149,53 @@ def cmd_demo(args) -> int:
     return run_demo(args.data, args.edits)
 
 
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_registry_table(records) -> str:
+    """The registry as a text table: index, status, time, prompt, target, final loss."""
+    lines = [f"{'#':>5}  {'status':<20}{'time (UTC)':<22}{'prompt':<48}{'target':<28}{'loss':>8}"]
+    for r in records:
+        lines.append(f"{r.index:>5}  {r.status_text:<20}{r.time:<22}{_clip(r.prompt, 46):<48}"
+                     f"{_clip(r.target, 26):<28}{r.final_loss:>8.4f}")
+    return "\n".join(lines)
+
+
+def cmd_edits(args) -> int:
+    from .persistence import read_registry, write_registry
+
+    try:
+        registry = read_registry(args.memory)
+    except (OSError, ValueError) as error:
+        print(f"memoir edits: {error}", file=sys.stderr)
+        return 2
+    if registry.unrecorded:
+        print(f"note: {registry.unrecorded} edits of this memory were saved before the edit registry and are not "
+              "listed", file=sys.stderr)
+    if args.withdraw is not None:
+        try:
+            registry.withdraw(args.withdraw)
+        except (IndexError, ValueError) as error:
+            print(f"memoir edits: {error}", file=sys.stderr)
+            return 2
+        write_registry(args.memory, registry)
+        print(f"withdrew edit {args.withdraw} from {args.memory}", file=sys.stderr)
+        registry = read_registry(args.memory)
+    if args.export:
+        from .persistence import atomic_write_text
+
+        lines = registry.export_lines()
+        atomic_write_text(Path(args.export), "".join(line + "\n" for line in lines))
+        print(f"wrote {len(lines)} active edits to {args.export}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in registry], indent=2, ensure_ascii=False))
+    elif args.withdraw is None and not args.export:
+        print(format_registry_table(registry.records))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import DECAY_SCOPES, KEY_AGGREGATIONS, MEMORY_DTYPES, REHEARSE_SELECTIONS
 
@@ -201,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--memory-dtype", choices=MEMORY_DTYPES, default=None)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
+
+    edits = sub.add_parser("edits", help="list, withdraw or export the edits of a saved memory")
+    edits.add_argument("memory", metavar="DIR", help="a memory saved by editor.save or eval --save-memory")
+    edits.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
+    edits.add_argument("--withdraw", type=int, default=None, metavar="N",
+                       help="withdraw edit N (its prompt gets the original model back); rewrites the memory atomically")
+    edits.add_argument("--export", default=None, metavar="FILE",
+                       help="write the active edits as JSON Lines (replay with editor.edit_many(FILE))")
+    edits.set_defaults(func=cmd_edits)
 
     rep = sub.add_parser("report", help="Markdown summary and plots from an eval JSON file")
     rep.add_argument("results", help="JSON written by `python -m memoir eval --out`")
