@@ -55,7 +55,7 @@ def _cuda_skip_reason() -> str:
 
 
 def _native_extension():
-    cpu_sources = ["csrc/ops.cpp", "csrc/mask_search_cpu.cpp"]
+    cpu_sources = ["csrc/ops.cpp", "csrc/mask_search_cpu.cpp", "csrc/mask_search_topk_cpu.cpp"]
     cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
     if os.uname().machine in ("x86_64", "AMD64"):
         cxx_flags.append("-mpopcnt")

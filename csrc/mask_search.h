@@ -25,6 +25,17 @@ enum { MEMOIR_POPCOUNT_SCALAR = 0, MEMOIR_POPCOUNT_POPCNT = 1, MEMOIR_POPCOUNT_A
 int32_t memoir_overlap_variant(int variant, const int64_t* query, const int64_t* mask, int64_t words);
 // The variant memoir_mask_search_cpu uses on this CPU.
 int memoir_overlap_variant_in_use(void);
+// That variant as a function, for the other CPU kernels (mask_search_topk_cpu.cpp), so every search
+// counts with the same popcount.
+typedef int32_t (*memoir_overlap_fn)(const int64_t* query, const int64_t* mask, int64_t words);
+memoir_overlap_fn memoir_overlap_function(void);
+
+// Top-r form (csrc/mask_search_topk_cpu.cpp): for each query the r rows of largest overlap, ordered
+// by overlap descending then index ascending; entries past the bank's rows are (-1, 0).
+// query [batch, words], bank [num_masks, words] -> index [batch, r], overlap [batch, r]; r >= 1.
+// Threads split the bank; num_threads <= 0 lets OpenMP choose.
+void memoir_mask_search_topk_cpu(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
+                                 int64_t words, int64_t r, int64_t* index, int32_t* overlap, int num_threads);
 
 // CUDA kernel (csrc/mask_search_cuda.cu), one launch on `stream`. `partial` is scratch of partial_blocks * batch uint64 words;
 // take partial_blocks from memoir_mask_search_partial_blocks. Returns the cudaError_t of the launch.
@@ -33,6 +44,15 @@ int memoir_mask_search_partial_blocks(int64_t batch, int64_t num_masks);
 int memoir_mask_search_cuda(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
                             int64_t words, uint64_t* partial, int64_t* index, int32_t* overlap, int partial_blocks,
                             cudaStream_t stream);
+#endif
+
+// CUDA top-r search (csrc/mask_search_topk_cuda.cu): one launch on `stream`, no scratch, no state
+// kept between calls. r must be in [1, MEMOIR_TOPK_CUDA_MAX_R] and num_masks below 2^32 - 1; the
+// launcher returns cudaErrorInvalidValue otherwise, else the cudaError_t of the launch.
+enum { MEMOIR_TOPK_CUDA_MAX_R = 64 };
+#if defined(__CUDACC__) || defined(MEMOIR_WITH_CUDA)
+int memoir_mask_search_topk_cuda(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
+                                 int64_t words, int64_t r, int64_t* index, int32_t* overlap, cudaStream_t stream);
 #endif
 
 #ifdef __cplusplus

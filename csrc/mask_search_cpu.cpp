@@ -193,3 +193,9 @@ extern "C" int32_t memoir_overlap_variant(int variant, const int64_t* query, con
 }
 
 extern "C" int memoir_overlap_variant_in_use(void) { return kVariant; }
+
+// kOverlap is set during this file's static initialisation; a caller from another file's static
+// initialiser could run first and would see nullptr, so pick the variant again in that case.
+extern "C" memoir_overlap_fn memoir_overlap_function(void) {
+  return kOverlap != nullptr ? kOverlap : overlap_variant(pick_variant());
+}

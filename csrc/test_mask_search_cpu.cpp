@@ -1,5 +1,7 @@
-// ctest: the CPU mask search against a brute-force loop written independently here.
+// ctest: the CPU mask search (arg-max and top-r) against brute-force loops written independently here.
+#include <algorithm>
 #include <cstdio>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -58,6 +60,47 @@ static int check_variants(std::mt19937_64& rng) {
   return failures;
 }
 
+// Top-r by brute force: every row's overlap, then a stable sort of the row numbers by overlap
+// descending (equal overlaps keep ascending row order), the first r kept, (-1, 0) past the bank.
+static int check_topk(std::mt19937_64& rng) {
+  int failures = 0;
+  const int64_t words = 3;
+  const int64_t batch = 11;
+  // 6000 rows x 3 words x 8 queries is enough work for the kernel to use 4 slices when asked.
+  for (int64_t n : {0, 1, 5, 64, 6000}) {
+    std::vector<int64_t> bank(static_cast<std::size_t>(n * words));
+    for (auto& w : bank) w = static_cast<int64_t>(rng() & rng() & rng() & rng());  // sparse: many ties
+    std::vector<int64_t> query(static_cast<std::size_t>(batch * words));
+    for (auto& w : query) w = static_cast<int64_t>(rng() & rng());
+    for (int64_t r : {1, 3, 8, 70}) {
+      std::vector<int64_t> index(static_cast<std::size_t>(batch * r));
+      std::vector<int32_t> overlap(static_cast<std::size_t>(batch * r));
+      for (int threads : {1, 4}) {
+        memoir_mask_search_topk_cpu(query.data(), bank.data(), batch, n, words, r, index.data(), overlap.data(),
+                                    threads);
+        for (int64_t b = 0; b < batch; ++b) {
+          std::vector<int> value(static_cast<std::size_t>(n));
+          for (int64_t i = 0; i < n; ++i) value[i] = popcount_and(&query[b * words], &bank[i * words], words);
+          std::vector<int64_t> order(static_cast<std::size_t>(n));
+          std::iota(order.begin(), order.end(), 0);
+          std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return value[x] > value[y]; });
+          for (int64_t j = 0; j < r; ++j) {
+            const int64_t want_index = j < n ? order[j] : -1;
+            const int want = j < n ? value[want_index] : 0;
+            if (index[b * r + j] != want_index || overlap[b * r + j] != want) {
+              std::printf("topk mismatch n=%lld r=%lld threads=%d row=%lld entry=%lld: got (%lld, %d) "
+                          "want (%lld, %d)\n", (long long)n, (long long)r, threads, (long long)b, (long long)j,
+                          (long long)index[b * r + j], overlap[b * r + j], (long long)want_index, want);
+              ++failures;
+            }
+          }
+        }
+      }
+    }
+  }
+  return failures;
+}
+
 int main() {
   std::mt19937_64 rng(7);
   int failures = check_variants(rng);
@@ -84,6 +127,7 @@ int main() {
       }
     }
   }
+  failures += check_topk(rng);
   std::printf("%s\n", failures ? "FAILED" : "all mask search cases passed");
   return failures ? 1 : 0;
 }

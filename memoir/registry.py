@@ -102,6 +102,26 @@ class EditRegistry:
         for position, record in enumerate(self._records):
             if record.index != position:
                 raise ValueError(f"edit record {position} has index {record.index}: records must be in edit order")
+        # Indexes of the active records, kept in step, so that lookups per edit do not scan a
+        # stream of 100k records: bank row -> record indices, prompt -> record indices.
+        self._active_by_row: dict[int, list[int]] = {}
+        self._active_by_prompt: dict[str, list[int]] = {}
+        self._inactive = 0
+        for record in self._records:
+            self._index_active(record)
+
+    def _index_active(self, record: EditRecord) -> None:
+        self._inactive += not record.active
+        if record.active:
+            self._active_by_row.setdefault(record.mask_row, []).append(record.index)
+            self._active_by_prompt.setdefault(record.prompt, []).append(record.index)
+
+    def _unindex(self, record: EditRecord) -> None:
+        self._inactive += 1
+        for table, key in ((self._active_by_row, record.mask_row), (self._active_by_prompt, record.prompt)):
+            table[key].remove(record.index)
+            if not table[key]:
+                del table[key]
 
     # ------------------------------------------------------------------------------- reading
     @property
@@ -124,20 +144,22 @@ class EditRegistry:
 
     def find(self, prompt: str) -> list[EditRecord]:
         """The active records whose prompt is exactly ``prompt`` (at most one in normal use)."""
-        return [r for r in self._records if r.active and r.prompt == prompt]
+        return [self._records[i] for i in self._active_by_prompt.get(prompt, ())]
 
     def active_on_row(self, row: int) -> list[EditRecord]:
         """Active records whose mask is bank row ``row``, oldest first."""
-        return [r for r in self._records if r.active and r.mask_row == row]
+        return [self._records[i] for i in self._active_by_row.get(row, ())]
+
+    def rows_with_active_edits(self) -> int:
+        """How many bank rows hold at least one active edit."""
+        return len(self._active_by_row)
 
     def row_active(self, num_rows: int, device=None) -> torch.Tensor | None:
         """``[num_rows]`` bool, False for a withdrawn row; ``None`` when every row routes."""
-        recorded, live = set(), set()
-        for record in self._records:
-            recorded.add(record.mask_row)
-            if record.active:
-                live.add(record.mask_row)
-        dead = [row for row in recorded - live if row < num_rows]
+        if self._inactive == 0:
+            return None  # nothing withdrawn or replaced: the common case costs no scan
+        recorded = {record.mask_row for record in self._records}
+        dead = [row for row in recorded if row not in self._active_by_row and row < num_rows]
         if not dead:
             return None
         active = torch.ones(num_rows, dtype=torch.bool)
@@ -151,6 +173,7 @@ class EditRegistry:
             raise ValueError(f"the next edit record has index {len(self._records)}, got {record.index}")
         _check_record(record)
         self._records.append(record)
+        self._index_active(record)
 
     def next_index(self) -> int:
         return len(self._records)
@@ -160,12 +183,15 @@ class EditRegistry:
         record = self._get(index)
         if not record.active:
             raise ValueError(f"edit {index} is {record.status_text}, not active: nothing to withdraw")
+        self._unindex(record)
         self._records[index] = dataclasses.replace(record, status="withdrawn")
         return self._records[index]
 
     def mark_replaced(self, index: int, by: int) -> None:
         """Mark edit ``index`` replaced by edit ``by`` (a later edit of the same prompt)."""
         record = self._get(index)
+        if record.active:
+            self._unindex(record)
         self._records[index] = dataclasses.replace(record, status="replaced", replaced_by=by)
 
     def _get(self, index: int) -> EditRecord:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from memoir_kernels import mask_search_topk
+
 from .config import MemoirConfig
 from .registry import EditRecord, EditRegistry
 from .tokens import TokenBatch, batch_prompt_target
@@ -25,15 +27,6 @@ __all__ = ["choose_rehearsal", "build_training_batch"]
 
 def _top_rows(query_bits: torch.Tensor, bank_bits: torch.Tensor, count: int) -> tuple[list[int], list[int]]:
     """Bank rows by overlap with ``query_bits [1, W]``, best first (ties to the lower row), and overlaps."""
-    import memoir_kernels
-
-    mask_search_topk = getattr(memoir_kernels, "mask_search_topk", None)
-    if not callable(mask_search_topk):  # TEMPORARY until the top-r op lands
-        from memoir_kernels._bits import popcount_bytes
-
-        ov = popcount_bytes(query_bits.unsqueeze(1) & bank_bits.unsqueeze(0))[0]
-        order = sorted(range(len(ov)), key=lambda i: (-int(ov[i]), i))[:count]
-        return order, [int(ov[i]) for i in order]
     index, overlap = mask_search_topk(query_bits, bank_bits, count)
     pairs = [(int(i), int(o)) for i, o in zip(index[0].tolist(), overlap[0].tolist(), strict=True) if i >= 0]
     return [i for i, _ in pairs], [o for _, o in pairs]
@@ -56,7 +49,8 @@ def choose_rehearsal(registry: EditRegistry, bank_bits: torch.Tensor, query_bits
         return _recent(registry, bank_bits, query_bits, wanted, floor, top_k, prompt)
     # Rows that cannot be rehearsed (withdrawn, or only the same prompt's edit) are skipped after
     # the search: fetch enough candidates that r usable ones remain when there are r.
-    unusable = sum(1 for row in range(num_rows) if not _usable_on_row(registry, row, prompt))
+    same_prompt_only = sum(1 for r in registry.find(prompt) if _usable_on_row(registry, r.mask_row, prompt) is None)
+    unusable = num_rows - (registry.rows_with_active_edits() - same_prompt_only)
     rows, overlaps = _top_rows(query_bits, bank_bits, min(num_rows, wanted + unusable + 1))
     chosen = []
     for row, overlap in zip(rows, overlaps, strict=True):

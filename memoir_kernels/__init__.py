@@ -14,6 +14,7 @@ from .down_proj import (
     memoir_down_proj_routed_reference,
 )
 from .mask_search import mask_search, mask_search_reference
+from .mask_search_topk import mask_search_topk, mask_search_topk_reference
 from .tophash import inverse_permutation, prompt_keys, tophash, tophash_from_keys, tophash_reference
 from .tophash_residual import tophash_residual, tophash_residual_reference
 
@@ -22,6 +23,8 @@ __all__ = [
     "inverse_permutation",
     "mask_search",
     "mask_search_reference",
+    "mask_search_topk",
+    "mask_search_topk_reference",
     "masked_residual",
     "memoir_down_proj",
     "memoir_down_proj_reference",

@@ -14,6 +14,8 @@ import torch
 
 __all__ = ["native_available", "native_unavailable_reason", "native_has_cuda"]
 
+# Every op the compiled extension registers; a build missing one (older sources) counts as unavailable.
+_NATIVE_OPS = ("mask_search", "mask_search_topk")
 _state: dict = {"loaded": None, "reason": None, "warned": False, "has_cuda": False}
 
 
@@ -22,9 +24,13 @@ def _import_extension() -> None:
     # Python state that torch.compile can trace (it refuses to trace an import).
     try:
         importlib.import_module("memoir_kernels._C")
-        _state["loaded"] = hasattr(torch.ops.memoir, "mask_search")
-        if not _state["loaded"]:
-            _state["reason"] = "memoir_kernels._C imported but registered no memoir::mask_search op"
+        missing = [op for op in _NATIVE_OPS if not hasattr(torch.ops.memoir, op)]
+        _state["loaded"] = not missing
+        if missing:
+            _state["reason"] = (
+                f"memoir_kernels._C imported but registered no memoir::{missing[0]} op (built from older "
+                "sources? rebuild with `pip install --no-build-isolation -e .`)"
+            )
         else:
             _state["has_cuda"] = bool(torch.ops.memoir.has_cuda())
     except ImportError as error:  # not built, or built against another torch
@@ -37,7 +43,7 @@ def _load() -> bool:
 
 
 def native_available(device: torch.device) -> bool:
-    """True when the compiled mask search can run on tensors of ``device``."""
+    """True when the compiled mask searches can run on tensors of ``device``."""
     if not _load():
         return False
     if device.type == "cpu":

@@ -22,6 +22,7 @@ BACKENDS = ("auto", "cuda", "triton", "torch")
 # Implementations each op has, fastest first.
 _OP_IMPLEMENTATIONS = {
     "mask_search": ("cuda", "torch"),
+    "mask_search_topk": ("cuda", "torch"),
     "tophash": ("triton", "torch"),
     "memoir_down_proj": ("triton", "torch"),
     "tophash_residual": ("triton", "torch"),

@@ -78,3 +78,25 @@ def test_threshold_sweep_equals_scoring_everything_at_each_tau(ten_edit_report, 
     assert len({(row["gen"], row["loc"]) for row in expected}) >= 3  # gates do flip between these taus
     for got, want in zip(sweep, expected, strict=True):
         assert got == pytest.approx(want, abs=1e-12), (got, want)
+
+
+def test_withdrawing_one_of_three_zsre_edits(smollm2, zsre_records):
+    model, tokenizer = smollm2
+    edits, _ = edit_records(zsre_records, 3)
+    second = tokenizer([edits[1]["src"]], return_tensors="pt")
+    with torch.no_grad():
+        unedited = model(**second).logits
+    editor = memoir.attach(model, tokenizer)
+    try:
+        editor.fit_background(background_sentences(zsre_records[1000:2000], 100))
+        editor.edit_many([{"prompt": r["src"], "target": r["alt"]} for r in edits], progress=False)
+        with torch.no_grad():
+            assert not torch.equal(editor(**second).logits, unedited)
+        editor.withdraw(1)
+        with torch.no_grad():
+            assert torch.equal(editor(**second).logits, unedited)
+        rel = teacher_forced(editor, [edits[0]["src"], edits[2]["src"]], [edits[0]["alt"], edits[2]["alt"]])
+        assert rel.accuracy == [1.0, 1.0]
+        assert [r.status for r in editor.edits] == ["active", "withdrawn", "active"]
+    finally:
+        editor.detach()

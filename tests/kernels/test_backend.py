@@ -7,7 +7,8 @@ from memoir_kernels import available_backends, resolve_backend
 
 def test_public_api_is_pinned():
     assert sorted(memoir_kernels.__all__) == sorted([
-        "available_backends", "inverse_permutation", "mask_search", "mask_search_reference", "masked_residual", "memoir_down_proj",
+        "available_backends", "inverse_permutation", "mask_search", "mask_search_reference", "mask_search_topk",
+        "mask_search_topk_reference", "masked_residual", "memoir_down_proj",
         "memoir_down_proj_reference", "memoir_down_proj_routed", "memoir_down_proj_routed_reference", "num_words",
         "pack_bits", "prompt_keys", "requested_backend",
         "resolve_backend", "tophash", "tophash_from_keys", "tophash_reference", "tophash_residual", "tophash_residual_reference", "unpack_bits",
