@@ -1,6 +1,11 @@
-"""Seconds per edit: the fast editing path vs the plain recipe, same model, same records, same run.
+"""Seconds per edit: the fast editing path vs the plain recipe, and rehearsal on vs off, same model,
+same records, same run.
 
     python -m pytest benchmarks/bench_edit.py --benchmark-only --benchmark-json out.json
+
+Cases: ``plain`` and ``fast`` edit with the faithful recipe (no rehearsal); ``fast-rehearse``
+uses the preset's rehearsal. Every case first stores ``MEMOIR_BENCH_WARM`` edits (untimed, default
+4, so that rehearsal has stored edits to choose from), then times the next ``MEMOIR_BENCH_RECORDS``.
 
 The model is chosen by ``MEMOIR_BENCH_MODEL``: ``smollm2`` (default; the bundled SmolLM2-135M,
 CPU or GPU), ``llama3-8b`` (LLaMA-3-8B's shapes with random bf16 weights, for a GPU) or ``tiny``.
@@ -22,6 +27,7 @@ from memoir import MemoirConfig
 MODEL = os.environ.get("MEMOIR_BENCH_MODEL", "smollm2")
 STEPS = int(os.environ.get("MEMOIR_BENCH_STEPS", "30"))
 RECORDS = int(os.environ.get("MEMOIR_BENCH_RECORDS", "3"))
+WARM = int(os.environ.get("MEMOIR_BENCH_WARM", "4"))
 _seconds: dict[str, float] = {}
 
 
@@ -63,15 +69,16 @@ def requests():
     from memoir.evaluation import background_sentences, edit_records, load_zsre
 
     records = load_zsre(_default_data())
-    edits, _ = edit_records(records, RECORDS)
+    edits, _ = edit_records(records, WARM + RECORDS)
     return [{"prompt": r["src"], "target": r["alt"]} for r in edits], background_sentences(records[1000:1100], 20)
 
 
-def _prepared_editor(model, tokenizer, background, fast: bool):
-    config = MemoirConfig(fast_edit=fast, n_iter=STEPS, early_stop_loss=0.0)
+def _prepared_editor(model, tokenizer, background, fast: bool, rehearse: int | None, warm: list[dict]):
+    config = MemoirConfig(fast_edit=fast, n_iter=STEPS, early_stop_loss=0.0, rehearse=rehearse)
     editor = memoir.attach(model, tokenizer, config)
     editor.fit_background(background)
     editor.ensure_context_prefixes()
+    editor.edit_many(warm, progress=False)
     return editor
 
 
@@ -87,18 +94,23 @@ def _edit_all(editor, edits) -> list[float]:
     return seconds
 
 
-@pytest.mark.parametrize("path", ["plain", "fast"])
+@pytest.mark.parametrize("path", ["plain", "fast", "fast-rehearse"])
 def test_seconds_per_edit(benchmark, record, model_and_tokenizer, requests, path):
     model, tokenizer = model_and_tokenizer
     edits, background = requests
-    editor = _prepared_editor(model, tokenizer, background, fast=path == "fast")
+    warm, edits = edits[:WARM], edits[WARM:]
+    editor = _prepared_editor(model, tokenizer, background, fast=path != "plain",
+                              rehearse=None if path == "fast-rehearse" else 0, warm=warm)
     benchmark.group = f"edit {MODEL}"
     try:
         seconds = benchmark.pedantic(_edit_all, args=(editor, edits), rounds=1, iterations=1)
     finally:
         editor.detach()
     _seconds[path] = statistics.median(seconds)
-    values = {"model": MODEL, "steps_per_edit": STEPS, "edits": len(edits), "median_sec_per_edit": _seconds[path]}
+    values = {"model": MODEL, "steps_per_edit": STEPS, "edits": len(edits), "median_sec_per_edit": _seconds[path],
+              "rehearse": editor.config.rehearse}
     if path == "fast" and "plain" in _seconds:
         values["speedup_vs_plain"] = _seconds["plain"] / _seconds["fast"]
+    if path == "fast-rehearse" and "fast" in _seconds:
+        values["rehearse_cost_vs_fast"] = _seconds["fast-rehearse"] / _seconds["fast"]
     record(**values)

@@ -64,6 +64,21 @@ def _avg(*values) -> float:
     return sum(values) / len(values) if len(values) == 3 else float("nan")
 
 
+def _rehearsal_setting(config: dict) -> str | None:
+    if config.get("rehearse") is None:
+        return None
+    if not config["rehearse"]:
+        return "no rehearsal (the faithful recipe)"
+    extras = [f"chosen by {config.get('rehearse_select', 'overlap')}"]
+    if config.get("rehearse_min_overlap"):
+        extras.append(f"overlap >= {config['rehearse_min_overlap']}")
+    if config.get("rehearse_weight", 1.0) != 1.0:
+        extras.append(f"weight {config['rehearse_weight']}")
+    if config.get("rehearse_prefixes"):
+        extras.append("with prefix rows")
+    return f"rehearsal of up to {config['rehearse']} stored edits ({', '.join(extras)})"
+
+
 def summary_markdown(report: dict, images: dict[str, str] | None = None) -> str:
     """The Markdown text of ``summary.md``; ``images`` maps ``curve`` / ``overlap_histogram`` /
     ``threshold_sweep`` to a relative PNG path, embedded in its section."""
@@ -76,7 +91,10 @@ def summary_markdown(report: dict, images: dict[str, str] | None = None) -> str:
                 f"top_k {config['top_k']}" if config.get("top_k") is not None else None,
                 f"tau {_fmt(_tau(report), 2)}" if _tau(report) is not None else None,
                 f"n_iter {config['n_iter']}" if config.get("n_iter") is not None else None,
-                f"lr {config['lr']}" if config.get("lr") is not None else None]
+                f"lr {config['lr']}" if config.get("lr") is not None else None,
+                f"weight decay {config['weight_decay']} ({config.get('decay_scope', 'all')})"
+                if config.get("weight_decay") is not None else None,
+                _rehearsal_setting(config)]
     settings = [s for s in settings if s]
     if settings:
         lines += ["Settings: " + ", ".join(settings) + ".", ""]
@@ -93,6 +111,8 @@ def summary_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         timing.append(f"{_fmt(report['mean_iterations'], 1)} iterations on average")
     if "mean_final_loss" in report:
         timing.append(f"final loss {_fmt(report['mean_final_loss'])} on average")
+    if report.get("mean_rehearsed"):
+        timing.append(f"{_fmt(report['mean_rehearsed'], 2)} stored edits rehearsed per edit on average")
     lines += ["Editing: " + ", ".join(timing) + ".", ""]
     if report.get("skipped_empty_target"):
         lines += [f"{report['skipped_empty_target']} record(s) with an empty target were skipped.", ""]

@@ -149,3 +149,16 @@ def test_one_per_subject_keeps_the_first_record_of_each_subject():
 def test_summary_names_a_one_per_subject_stream():
     report = synthetic_report() | {"one_per_subject": True, "last_source_record": 195}
     assert "first record of each subject (records 0-195)" in summary_markdown(report)
+
+
+def test_summary_names_the_rehearsal_setting():
+    faithful = synthetic_report()
+    faithful["config"]["rehearse"] = 0
+    assert "no rehearsal (the faithful recipe)" in summary_markdown(faithful)
+    rehearsed = synthetic_report()
+    rehearsed["config"].update(rehearse=4, rehearse_weight=0.5, rehearse_select="overlap")
+    rehearsed["mean_rehearsed"] = 3.25
+    text = summary_markdown(rehearsed)
+    assert "rehearsal of up to 4 stored edits (chosen by overlap, weight 0.5)" in text
+    assert "3.25 stored edits rehearsed per edit" in text
+    assert "rehearsal" not in summary_markdown(synthetic_report())  # older reports: no setting shown
