@@ -12,8 +12,9 @@ from .config import MemoirConfig
 from .editor import MemoirEditor, attach
 from .layer import MemoirLayer
 from .persistence import load
-from .training import EditResult
+from .registry import EditRecord
+from .training import EditResult, NonFiniteEditError
 
 __version__ = "0.1.0"
 
-__all__ = ["EditResult", "MemoirConfig", "MemoirEditor", "MemoirLayer", "attach", "load", "__version__"]
+__all__ = ["EditRecord", "EditResult", "NonFiniteEditError", "MemoirConfig", "MemoirEditor", "MemoirLayer", "attach", "load", "__version__"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,30 +82,39 @@ class MemoirConfig:
     version: int = field(default=CONFIG_FORMAT_VERSION, metadata={"help": "Format version of this config."})
 
     def __post_init__(self) -> None:
-        self.context_lengths = tuple(int(n) for n in self.context_lengths)
-        self.context_seeds = tuple(str(s) for s in self.context_seeds)
+        _check(isinstance(self.context_lengths, (tuple, list)) and all(_is_int(n) for n in self.context_lengths),
+               "context_lengths must be a sequence of ints")
+        _check(isinstance(self.context_seeds, (tuple, list)) and all(isinstance(x, str) for x in self.context_seeds),
+               "context_seeds must be a sequence of strings")
+        self.context_lengths = tuple(self.context_lengths)
+        self.context_seeds = tuple(self.context_seeds)
         _check(self.target_module is None or (isinstance(self.target_module, str) and self.target_module),
                "target_module must be a non-empty dotted module name or None")
-        _check(self.top_k is None or (isinstance(self.top_k, int) and self.top_k > 0), "top_k must be a positive int")
-        _check(self.irr_threshold is None or 0.0 <= float(self.irr_threshold) <= 1.0,
-               "irr_threshold must be in [0, 1]")
+        _check(self.top_k is None or (_is_int(self.top_k) and self.top_k > 0), "top_k must be a positive int")
+        _check(self.irr_threshold is None or (_is_number(self.irr_threshold) and 0.0 <= self.irr_threshold <= 1.0),
+               "irr_threshold must be a number in [0, 1]")
         _check(self.key_aggregation in KEY_AGGREGATIONS, f"key_aggregation must be one of {KEY_AGGREGATIONS}")
-        _check(self.n_iter is None or (isinstance(self.n_iter, int) and self.n_iter > 0),
-               "n_iter must be a positive int")
-        _check(self.lr is None or self.lr > 0, "lr must be positive")
-        _check(self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(self.n_iter is None or (_is_int(self.n_iter) and self.n_iter > 0), "n_iter must be a positive int")
+        _check(self.lr is None or (_is_finite(self.lr) and self.lr > 0), "lr must be a finite number > 0")
+        _check(self.weight_decay is None or (_is_finite(self.weight_decay) and self.weight_decay >= 0),
+               "weight_decay must be a finite number >= 0")
         _check(self.decay_scope in DECAY_SCOPES, f"decay_scope must be one of {DECAY_SCOPES}")
-        _check(self.rehearse is None or (isinstance(self.rehearse, int) and not isinstance(self.rehearse, bool)
-                                         and self.rehearse >= 0), "rehearse must be an int >= 0 or None")
+        _check(self.rehearse is None or (_is_int(self.rehearse) and self.rehearse >= 0),
+               "rehearse must be an int >= 0 or None")
         _check(self.rehearse_select in REHEARSE_SELECTIONS, f"rehearse_select must be one of {REHEARSE_SELECTIONS}")
         _check(_is_number(self.rehearse_min_overlap) and 0.0 <= self.rehearse_min_overlap <= 1.0,
                "rehearse_min_overlap must be a number in [0, 1]")
-        _check(_is_number(self.rehearse_weight) and 0.0 < self.rehearse_weight < float("inf"),
+        _check(_is_finite(self.rehearse_weight) and self.rehearse_weight > 0,
                "rehearse_weight must be a finite number > 0")
         _check(isinstance(self.rehearse_prefixes, bool), "rehearse_prefixes must be a bool")
-        _check(self.grad_clip >= 0, "grad_clip must be >= 0")
+        _check(_is_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip must be a finite number >= 0")
+        _check(_is_finite(self.early_stop_loss) and self.early_stop_loss >= 0,
+               "early_stop_loss must be a finite number >= 0")
+        _check(_is_finite(self.early_stop_delta) and self.early_stop_delta >= 0,
+               "early_stop_delta must be a finite number >= 0")
         _check(all(n > 0 for n in self.context_lengths), "context_lengths must be positive")
-        _check(self.num_background > 0, "num_background must be positive")
+        _check(_is_int(self.num_background) and self.num_background > 0, "num_background must be a positive int")
+        _check(_is_int(self.seed), "seed must be an int")
         _check(self.memory_dtype in MEMORY_DTYPES, f"memory_dtype must be one of {MEMORY_DTYPES}")
         _check(isinstance(self.fast_edit, bool), "fast_edit must be a bool")
 
@@ -152,7 +162,16 @@ class MemoirConfig:
 
 
 def _is_number(value) -> bool:
+    """A real number, not a bool (``True`` is an int to Python, never a setting here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(condition: bool, message: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from .layer import CallContext, MemoirLayer
 from .tokens import TokenBatch, batch_prompt_target
 
 __all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "edit_prompts", "build_edit_batch", "optimise_edit", "BlockStack",
-           "Rehearsal"]
+           "Rehearsal", "NonFiniteEditError"]
 
 
 @dataclass
@@ -326,18 +327,42 @@ def optimise_edit(
             optimizer.zero_grad(set_to_none=True)
             loss = compute_loss()
             value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteEditError(_non_finite_cause("loss", losses, config, compute_loss))
             if losses and abs(value - losses[-1]) <= config.early_stop_delta and value <= config.early_stop_loss:
                 losses.append(value)
                 break
             losses.append(value)
             loss.backward()
             _finish_gradient(layer, config)
+            if not bool(torch.isfinite(memory.grad).all()):
+                raise NonFiniteEditError(_non_finite_cause("gradient", losses, config, compute_loss))
             optimizer.step()
+        if not bool(torch.isfinite(memory).all()):
+            raise NonFiniteEditError(_non_finite_cause("memory", losses, config, compute_loss))
     finally:
         memory.requires_grad_(False)
         memory.grad = None
         layer.mode, layer.call, layer.rehearsal_bits = "route", None, None
     return losses, layer.train_bits
+
+
+class NonFiniteEditError(FloatingPointError):
+    """An edit met a NaN or infinity (loss, gradient or memory); the edit was rolled back."""
+
+
+def _non_finite_cause(what: str, losses: list[float], config: MemoirConfig, compute_loss) -> str:
+    """The error message for a non-finite ``what``: where it most likely came from."""
+    acts = getattr(compute_loss, "acts", None)
+    if acts is not None and not bool(torch.isfinite(acts).all()):
+        cause = "the activations entering the edited layer are not finite (check the model's weights and inputs)"
+    elif not losses or (what == "gradient" and len(losses) == 1):
+        cause = ("the model's output is not finite before any update: non-finite activations at or above the "
+                 "edited layer (check the model's weights and inputs)")
+    else:
+        cause = (f"it diverged after {len(losses)} steps (last loss {losses[-1]:.4g}): the step size is too "
+                 f"large (lr={config.lr}); lower lr or keep grad_clip > 0")
+    return f"MEMOIR: non-finite {what} while editing; the edit was rolled back and nothing was stored: {cause}"
 
 
 def _finish_gradient(layer: MemoirLayer, config: MemoirConfig) -> None:

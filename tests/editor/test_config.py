@@ -33,7 +33,8 @@ def test_proportional_defaults_for_unknown_sizes(arch, module):
 
 def test_public_api_is_pinned():
     assert sorted(memoir.__all__) == sorted(
-        ["EditResult", "MemoirConfig", "MemoirEditor", "MemoirLayer", "attach", "load", "__version__"])
+        ["EditRecord", "EditResult", "MemoirConfig", "MemoirEditor", "MemoirLayer", "NonFiniteEditError", "attach",
+         "load", "__version__"])
     for name in memoir.__all__:
         if name != "__version__":
             assert getattr(memoir, name).__doc__, name

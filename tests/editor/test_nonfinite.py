@@ -1,0 +1,68 @@
+"""Nothing non-finite is ever stored: a NaN/inf edit is rolled back with an error naming the cause."""
+
+import math
+
+import pytest
+import torch
+
+import memoir
+from memoir import MemoirConfig, NonFiniteEditError
+from memoir.models import tiny_model
+
+from .helpers import EDITS, UNRELATED, target_accuracy, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMOIR_CACHE", str(tmp_path / "cache"))
+
+
+def _state(editor):
+    layer = editor.layer
+    return (layer.memory.detach().clone(), layer.bank_bits.clone(), editor.registry.to_json(), editor.num_edits)
+
+
+def _assert_same(before, after):
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert before[2:] == after[2:]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_non_finite_activations_roll_the_edit_back(char_tokenizer, fast):
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    editor = memoir.attach(model, char_tokenizer, tiny_config(fast_edit=fast))
+    editor.fit_background(UNRELATED)
+    editor.edit(*EDITS[0])
+    before = _state(editor)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")  # upstream of the edited layer
+    with pytest.raises(NonFiniteEditError, match="activations"):
+        editor.edit(*EDITS[1])
+    _assert_same(before, _state(editor))
+    with torch.no_grad():
+        weight.copy_(saved)  # the model repaired: the earlier edit is intact
+    assert target_accuracy(editor, *EDITS[0]) == 1.0
+    assert torch.isfinite(editor.layer.memory).all()
+
+
+def test_a_diverging_step_size_is_named(char_tokenizer):
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    editor = memoir.attach(model, char_tokenizer, tiny_config(lr=1e38, grad_clip=0.0, rehearse=0))
+    editor.fit_background(UNRELATED)
+    before = _state(editor)
+    with pytest.raises(NonFiniteEditError, match="step size is too large"):
+        editor.edit(*EDITS[0])
+    _assert_same(before, _state(editor))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lr", math.inf), ("lr", float("nan")), ("lr", "1.0"), ("top_k", True), ("n_iter", 2.5),
+    ("irr_threshold", "0.5"), ("weight_decay", math.inf), ("grad_clip", math.nan), ("rehearse", True),
+    ("rehearse_weight", math.inf), ("early_stop_loss", math.nan), ("num_background", 1.5),
+    ("context_lengths", "5"),
+])
+def test_config_rejects_non_finite_and_mistyped_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        MemoirConfig(**{field: value})
