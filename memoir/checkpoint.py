@@ -94,6 +94,17 @@ def write_checkpoint(editor, directory, pairs: list[tuple[str, str]], done: int,
     save_editor(editor, directory, extra_metadata={_PROGRESS_KEY: json.dumps(progress)})
 
 
+def _check_editor_is_a_prefix(editor, done_pairs: list[tuple[str, str]], directory) -> None:
+    """Resuming replaces the editor's memory: refuse unless what it holds is the checkpoint's own start."""
+    if not editor.num_edits:
+        return
+    held = [(r.prompt, r.target) for r in editor.edits]
+    if editor.registry.unrecorded or len(held) > len(done_pairs) or held != done_pairs[: len(held)]:
+        raise ValueError(f"this editor already holds {editor.num_edits} edits that are not the start of the "
+                         f"checkpoint's stream at {directory}; resuming would replace them. Resume on a freshly "
+                         "attached editor, or use another checkpoint directory")
+
+
 def resume_stream(editor, directory, pairs: list[tuple[str, str]]) -> tuple[int, list[EditResult]]:
     """Restore ``editor`` from the checkpoint in ``directory`` if it continues ``pairs``.
 
@@ -109,5 +120,6 @@ def resume_stream(editor, directory, pairs: list[tuple[str, str]]) -> tuple[int,
     if done > len(pairs) or stream_digest(pairs[:done]) != progress["digest"]:
         raise ValueError(f"the checkpoint at {directory} holds {done} edits of another stream of requests; "
                          "use another checkpoint directory or the same requests in the same order")
+    _check_editor_is_a_prefix(editor, pairs[:done], directory)
     restore_into(editor, directory)
     return done, [EditResult(**r) for r in progress["results"]]

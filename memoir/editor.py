@@ -435,7 +435,13 @@ class MemoirEditor:
         """Routing of each prompt: ``index`` (nearest mask), ``overlap`` (ratio to k), ``gate``."""
         from .tokens import batch_prompt_target
 
+        self._require_attached()
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError(f"route takes a list of prompts, got {type(prompts).__name__} "
+                            "(wrap a single prompt in a list)")
         prompts = [_check_text(p, "prompt") for p in prompts]
+        if not prompts:
+            return {"index": [], "overlap": [], "gate": []}
         batch = batch_prompt_target(self.tokenizer, prompts, [""] * len(prompts)).to(self.device)
         self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         decision = self.layer.last_decision if self.layer.num_masks else None

@@ -79,6 +79,10 @@ def atomic_write_text(final: Path, text: str) -> None:
 
 
 def _atomic_write(final: Path, write) -> None:
+    # A process killed mid-write leaves its temporary file behind: the next write removes it
+    # (one writer per memory directory is the supported use).
+    for stale in final.parent.glob(f".{final.name}.*"):
+        stale.unlink(missing_ok=True)
     handle, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.")
     os.close(handle)
     try:

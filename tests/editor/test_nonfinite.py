@@ -66,3 +66,39 @@ def test_a_diverging_step_size_is_named(char_tokenizer):
 def test_config_rejects_non_finite_and_mistyped_values(field, value):
     with pytest.raises(ValueError, match=field):
         MemoirConfig(**{field: value})
+
+
+def test_route_refuses_misuse(char_tokenizer):
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    editor = memoir.attach(model, char_tokenizer, tiny_config())
+    editor.fit_background(UNRELATED)
+    editor.edit(*EDITS[0])
+    with pytest.raises(TypeError, match="list of prompts"):
+        editor.route(EDITS[0][0])
+    assert editor.route([]) == {"index": [], "overlap": [], "gate": []}
+    assert editor.route([EDITS[0][0]])["gate"] == [True]
+    editor.detach()
+    with pytest.raises(RuntimeError, match="detached"):
+        editor.route([EDITS[0][0]])
+
+
+def test_resume_refuses_an_editor_holding_other_edits(char_tokenizer, tmp_path):
+    from memoir.persistence import CONFIG_FILE
+
+    requests = [{"prompt": p, "target": t} for p, t in EDITS]
+    first = memoir.attach(tiny_model("llama", vocab_size=len(char_tokenizer)), char_tokenizer, tiny_config())
+    first.fit_background(UNRELATED)
+    first.edit_many(requests[:2], progress=False, checkpoint_dir=tmp_path / "ckpt")
+    other = memoir.attach(tiny_model("llama", vocab_size=len(char_tokenizer)), char_tokenizer, tiny_config())
+    other.fit_background(UNRELATED)
+    other.edit("Carol plays the", "cello")
+    before = _state(other)
+    with pytest.raises(ValueError, match="not the start of the checkpoint"):
+        other.edit_many(requests, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    _assert_same(before, _state(other))
+    # A stale temporary file of a killed write is gone after the next write.
+    stale = tmp_path / "ckpt" / f".{CONFIG_FILE}.killed"
+    stale.write_text("partial")
+    first.edit_many(requests, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    assert not stale.exists()
+    assert [r.prompt for r in first.edits] == [p for p, _ in EDITS]
