@@ -1,8 +1,22 @@
-"""Save and load a MEMOIR memory: ``memoir_config.json`` + ``memoir_memory.safetensors``.
+"""Save and load a MEMOIR memory: ``memoir_memory.safetensors`` (+ ``memoir_config.json``, a copy).
 
-Only the add-on state is written (W_m, permutation, mask bank, mu) with a fingerprint of the base
-layer, so loading onto another model fails loudly. Nothing is unpickled. Loading validates the
-whole file before touching the model; a failure leaves the model as it was.
+Only the add-on state is written: W_m, the permutation, the mask bank and mu as tensors; the
+config, the edit registry, the context prefixes and the fingerprints in the file's header. The
+memory file is written in one atomic replace and is complete on its own (format version 2): the
+config travels inside it, and ``memoir_config.json`` is a readable copy written after it.
+
+Loading verifies before it touches the model, and a failure leaves the model as it was:
+
+* a SHA-256 checksum over every tensor's bytes and every header entry;
+* structure: the expected tensors, dtypes and shapes; finite W_m and mu; an int64 permutation of
+  0..D-1; every bank row exactly ``top_k`` bits, no padding bits, no duplicate rows; a registry
+  whose counts agree with the bank and the number of edits;
+* the fingerprint (see :func:`model_fingerprint`): the memory was made with this model;
+* ``memoir_config.json``, when present, equal to the config inside the memory file (a save cut
+  between the two writes, or a hand edit, is refused rather than loaded as if whole).
+
+Version 1 files (before the registry and the checksum) still load, with the structural checks.
+Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -18,18 +32,21 @@ import torch
 import torch.nn as nn
 
 __all__ = ["save_editor", "load", "restore_into", "read_metadata", "read_registry", "write_registry",
-           "atomic_write_text", "layer_fingerprint", "MEMORY_FILE", "CONFIG_FILE", "MEMORY_FORMAT_VERSION"]
+           "atomic_write_text", "layer_fingerprint", "model_fingerprint", "MEMORY_FILE", "CONFIG_FILE",
+           "MEMORY_FORMAT_VERSION"]
 
 CONFIG_FILE = "memoir_config.json"
 MEMORY_FILE = "memoir_memory.safetensors"
-# 2: the header holds the edit registry ("edit_registry"); version 1 files still load (no records).
+# 2: the header holds the config, the edit registry, a model fingerprint and a checksum.
 MEMORY_FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 _REGISTRY_KEY = "edit_registry"
+_TENSORS = ("memory", "permutation", "bank_bits", "background_mean")
+_SAMPLES_PER_TENSOR = 16
 
 
 def layer_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of the base layer's weight (and bias): shape, dtype and bytes."""
+    """SHA-256 of the base layer's weight (and bias): shape, dtype and every byte."""
     digest = hashlib.sha256()
     for name in ("weight", "bias"):
         tensor = getattr(module, name, None)
@@ -41,14 +58,56 @@ def layer_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_editor(editor, path, extra_metadata: dict[str, str] | None = None) -> None:
-    """Write the editor's memory to directory ``path`` (created if needed), atomically per file.
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every parameter's name, shape and dtype and of 16 evenly spaced values of each.
 
-    ``extra_metadata`` (str to str) is stored in the memory file's header, in the same atomic write
-    as the tensors (checkpoints keep their progress there).
+    Cheap at any size (a few hundred small gathers) and it tells apart another architecture,
+    another size, another dtype and, in practice, any fine-tune or re-quantisation (each changes
+    the sampled values). An attached memory does not count: its own W_m is skipped and the wrapped
+    module's parameters keep their original names, so the value is the same attached or not.
     """
+    from .layer import MemoirLayer
+
+    skipped = {id(m.memory) for m in model.modules() if isinstance(m, MemoirLayer)}
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if id(param) in skipped:
+            continue
+        flat = param.detach().reshape(-1)
+        picks = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES_PER_TENSOR, flat.numel())).long()
+        sample = flat[picks.to(flat.device)].to("cpu").contiguous()
+        digest.update(f"{name.replace('.base_layer.', '.')}:{tuple(param.shape)}:{param.dtype};".encode())
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the header entries (but the checksum itself) and every tensor's name, dtype,
+    shape and bytes."""
+    digest = hashlib.sha256()
+    entries = sorted((k, v) for k, v in metadata.items() if k != "checksum")
+    digest.update(json.dumps(entries, ensure_ascii=False).encode("utf-8"))
+    for name in sorted(tensors):
+        data = tensors[name].contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def _write_memory_file(directory: Path, tensors: dict, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
+    metadata = {**metadata, "checksum": _checksum(metadata, tensors)}
+    _atomic_write(directory / MEMORY_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_editor(editor, path, extra_metadata: dict[str, str] | None = None) -> None:
+    """Write the editor's memory to directory ``path`` (created if needed).
+
+    The memory file is one atomic write holding everything (tensors, config, registry, prefixes,
+    fingerprints, ``extra_metadata`` such as a checkpoint's progress, and their checksum); the
+    config copy ``memoir_config.json`` follows it.
+    """
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     layer = editor.layer
@@ -58,9 +117,12 @@ def save_editor(editor, path, extra_metadata: dict[str, str] | None = None) -> N
         "bank_bits": layer.bank_bits.cpu().contiguous(),
         "background_mean": layer.background_mean.cpu().contiguous(),
     }
+    config_json = editor.config.to_json()
     metadata = {
         "format_version": str(MEMORY_FORMAT_VERSION),
+        "config": config_json,
         "fingerprint": layer_fingerprint(layer.base_layer),
+        "model_fingerprint": model_fingerprint(editor.model),
         "target_module": editor.config.target_module,
         "has_background": json.dumps(layer.has_background),
         "context_prefixes": json.dumps(editor.context_prefixes),
@@ -68,9 +130,8 @@ def save_editor(editor, path, extra_metadata: dict[str, str] | None = None) -> N
         _REGISTRY_KEY: editor.registry.to_json(),
         **(extra_metadata or {}),
     }
-    # The config first: the memory file is the last thing written, so its presence means complete.
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(editor.config.to_json() + "\n"))
-    _atomic_write(directory / MEMORY_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _write_memory_file(directory, tensors, metadata)
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_json + "\n", encoding="utf-8"))
 
 
 def atomic_write_text(final: Path, text: str) -> None:
@@ -108,58 +169,154 @@ def current_umask() -> int:
 
 
 def _read(path: Path):
+    """``(config, metadata, tensors)`` of the memory at ``path``, checksum and config copy verified."""
     from safetensors import safe_open
 
-    from .config import MemoirConfig
-
     config_path, memory_path = path / CONFIG_FILE, path / MEMORY_FILE
-    for file in (config_path, memory_path):
-        if not file.is_file():
-            raise FileNotFoundError(f"no MEMOIR memory at {path}: {file.name} is missing")
-    try:
-        config = MemoirConfig.load(config_path)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{config_path} is not a valid MEMOIR config: {error}") from error
+    if not memory_path.is_file():
+        raise FileNotFoundError(f"no MEMOIR memory at {path}: {MEMORY_FILE} is missing")
     try:
         with safe_open(str(memory_path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+            metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors raises its own error types for a corrupted header/body
         raise ValueError(f"{memory_path} is corrupted or not a safetensors file: {error}") from error
+    version = _format_version(metadata, memory_path)
+    if version >= 2:
+        if metadata.get("checksum") != _checksum(metadata, tensors):
+            raise ValueError(f"{memory_path} is corrupted: its checksum does not match its contents")
+        config = _parse_config(metadata.get("config"), f"the config inside {memory_path}")
+        if config_path.is_file():
+            _check_config_copy(config, config_path)
+    else:  # version 1: the config lives only in memoir_config.json
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no MEMOIR memory at {path}: {CONFIG_FILE} is missing")
+        config = _parse_config(_read_text(config_path), str(config_path))
     return config, metadata, tensors
 
 
-def _validate(config, metadata: dict, tensors: dict, layer) -> None:
-    missing = {"memory", "permutation", "bank_bits", "background_mean"} - set(tensors)
-    if missing:
-        raise ValueError(f"the memory file lacks tensors {sorted(missing)}")
-    version = int(metadata.get("format_version", "0"))
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as text: {error}") from error
+
+
+def _format_version(metadata: dict, where) -> int:
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError as error:
+        raise ValueError(f"{where}: format_version is not a number") from error
     if version not in _READABLE_VERSIONS:
-        raise ValueError(f"memory format version {version} is not supported (this version reads "
-                         f"{', '.join(map(str, _READABLE_VERSIONS))})")
-    _registry_of(metadata, tensors["bank_bits"].shape[0])  # raises for a malformed registry
+        raise ValueError(f"{where}: memory format version {version} is not supported (this version reads "
+                         f"{', '.join(map(str, _READABLE_VERSIONS))}; a newer memoir wrote it?)")
+    return version
+
+
+def _parse_config(text, where: str):
+    from .config import CONFIG_FORMAT_VERSION, MemoirConfig
+
+    try:
+        data = json.loads(text) if isinstance(text, str) else None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        version = data.get("version", CONFIG_FORMAT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version > CONFIG_FORMAT_VERSION:
+            raise ValueError(f"config version {version!r} is newer than this memoir's {CONFIG_FORMAT_VERSION}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an unknown key is a file from elsewhere: refuse it here
+            return MemoirConfig.from_dict(data)
+    except (ValueError, TypeError, UserWarning) as error:
+        raise ValueError(f"{where} is not a valid MEMOIR config: {error}") from error
+
+
+def _check_config_copy(config, config_path: Path) -> None:
+    copy = _parse_config(_read_text(config_path), str(config_path))
+    mine, theirs = config.to_dict(), copy.to_dict()
+    differing = sorted(key for key in mine if mine[key] != theirs.get(key))
+    if differing:
+        raise ValueError(f"{config_path} differs from the config inside {MEMORY_FILE} ({', '.join(differing)}): "
+                         "a save was interrupted, or the copy was edited by hand. The memory file is the "
+                         f"authority: delete {CONFIG_FILE} to load it as saved")
+
+
+def _validate(config, metadata: dict, tensors: dict, layer, model: nn.Module | None = None) -> None:
+    """Structural checks of a read memory against ``layer`` (and, for version 2, ``model``)."""
+    version = _format_version(metadata, "the memory file")
+    present = set(tensors)
+    if present != set(_TENSORS):
+        raise ValueError(f"the memory file holds tensors {sorted(present)}, expected {sorted(_TENSORS)}")
     if metadata.get("target_module") != config.target_module:
         raise ValueError("memory file and config disagree on the target module")
-    expected = layer_fingerprint(layer.base_layer)
-    if metadata.get("fingerprint") != expected:
-        raise ValueError(
-            f"this memory was saved for a different base layer at {config.target_module} "
-            "(fingerprint mismatch): load it onto the model it was made with"
-        )
-    shapes = {
-        "memory": tuple(layer.memory.shape),
-        "permutation": tuple(layer.permutation.shape),
-        "background_mean": tuple(layer.background_mean.shape),
+    if metadata.get("fingerprint") != layer_fingerprint(layer.base_layer):
+        raise ValueError(f"this memory was saved for a different base layer at {config.target_module} "
+                         "(fingerprint mismatch): load it onto the model it was made with")
+    if version >= 2 and model is not None and metadata.get("model_fingerprint") != model_fingerprint(model):
+        raise ValueError("this memory was saved for another model (the model fingerprint differs: other weights, "
+                         "dtype or architecture): load it onto the model it was made with, or replay its edits "
+                         "(python -m memoir edits DIR --export FILE, then edit_many(FILE))")
+    _check_tensors(config, tensors, layer)
+    _check_header(metadata, tensors["bank_bits"].shape[0], version)
+
+
+def _check_tensors(config, tensors: dict, layer) -> None:
+    from memoir_kernels import num_words
+
+    expected = {  # name: (dtype, shape)
+        "memory": (layer.memory.dtype, tuple(layer.memory.shape)),
+        "permutation": (torch.int64, (layer.in_features,)),
+        "background_mean": (layer.background_mean.dtype, tuple(layer.background_mean.shape)),
     }
-    for key, shape in shapes.items():
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"tensor {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
-    bank = tensors["bank_bits"]
-    if bank.dtype != torch.int64 or bank.dim() != 2 or bank.shape[1] != layer.bank_bits.shape[1]:
-        raise ValueError(f"bank_bits must be int64 [N, {layer.bank_bits.shape[1]}], got {bank.dtype} {tuple(bank.shape)}")
+    for name, (dtype, shape) in expected.items():
+        tensor = tensors[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}")
+    for name in ("memory", "background_mean"):
+        if not bool(torch.isfinite(tensors[name]).all()):
+            raise ValueError(f"tensor {name} holds NaN or infinite values")
     perm = tensors["permutation"]
     if not torch.equal(torch.sort(perm).values, torch.arange(perm.shape[0])):
-        raise ValueError("the stored permutation is not a permutation")
+        raise ValueError("the stored permutation is not a permutation of 0..D-1")
+    bank, words = tensors["bank_bits"], num_words(layer.in_features)
+    if bank.dtype != torch.int64 or bank.dim() != 2 or bank.shape[1] != words:
+        raise ValueError(f"bank_bits must be int64 [N, {words}], got {bank.dtype} {tuple(bank.shape)}")
+    _check_bank(bank, layer.in_features, config.top_k)
+
+
+def _check_bank(bank: torch.Tensor, dim: int, top_k: int) -> None:
+    from memoir_kernels._bits import popcount_bytes
+
+    if not bank.shape[0]:
+        return
+    spare = bank.shape[1] * 64 - dim
+    if spare:
+        keep = (1 << (64 - spare)) - 1  # the last word's valid bits; the others are padding
+        if bool((bank[:, -1] & ~torch.tensor(keep, dtype=torch.int64)).any()):
+            raise ValueError("bank_bits has set padding bits beyond D")
+    counts = popcount_bytes(bank)  # [N] set bits per row
+    wrong = (counts != top_k).nonzero().flatten()
+    if wrong.numel():
+        raise ValueError(f"bank rows {wrong[:5].tolist()} do not have exactly top_k = {top_k} bits "
+                         "(the config and the stored masks disagree, or the bank is corrupted)")
+    if torch.unique(bank, dim=0).shape[0] != bank.shape[0]:
+        raise ValueError("bank_bits holds duplicate rows")
+
+
+def _check_header(metadata: dict, num_rows: int, version: int) -> None:
+    try:
+        has_background = json.loads(metadata.get("has_background", "false"))
+        prefixes = json.loads(metadata.get("context_prefixes", "null"))
+        num_edits = int(metadata.get("num_edits", "0"))
+    except ValueError as error:
+        raise ValueError(f"the memory file's header is malformed: {error}") from error
+    if not isinstance(has_background, bool):
+        raise ValueError("has_background must be true or false")
+    if prefixes is not None and not (isinstance(prefixes, list) and all(isinstance(p, str) for p in prefixes)):
+        raise ValueError("context_prefixes must be a list of strings")
+    registry = _registry_of(metadata, num_rows)
+    if num_edits < 0 or (version >= 2 and (len(registry) + registry.unrecorded != num_edits or num_rows > num_edits)):
+        raise ValueError(f"the counts disagree: {num_edits} edits, {len(registry)} records "
+                         f"(+{registry.unrecorded} unrecorded), {num_rows} bank rows")
 
 
 def read_metadata(path) -> dict[str, str]:
@@ -186,7 +343,7 @@ def restore_into(editor, path) -> None:
     if differing:
         raise ValueError(f"the memory at {path} was made with other settings ({', '.join(differing)}); "
                          "attach with the same MemoirConfig to resume from it")
-    _validate(config, metadata, tensors, editor.layer)
+    _validate(config, metadata, tensors, editor.layer, editor.model)
     _restore(editor, metadata, tensors)
 
 
@@ -205,7 +362,7 @@ def load(model: nn.Module, tokenizer, path):
     config, metadata, tensors = _read(path)
     editor = MemoirEditor(model, tokenizer, config)
     try:
-        _validate(config, metadata, tensors, editor.layer)
+        _validate(config, metadata, tensors, editor.layer, model)
         _restore(editor, metadata, tensors)
     except BaseException:
         editor.detach()
@@ -248,23 +405,18 @@ def _registry_of(metadata: dict, num_rows: int):
 
 def read_registry(path):
     """The edit registry of the memory saved at ``path`` (no model needed)."""
-    from safetensors import safe_open
-
-    memory_path = Path(path) / MEMORY_FILE
-    metadata = read_metadata(path)
-    with safe_open(str(memory_path), framework="pt") as handle:
-        num_rows = handle.get_slice("bank_bits").get_shape()[0]
-    return _registry_of(metadata, num_rows)
+    _, metadata, tensors = _read(Path(path))
+    if "bank_bits" not in tensors:
+        raise ValueError(f"{Path(path) / MEMORY_FILE} holds no bank_bits tensor")
+    return _registry_of(metadata, tensors["bank_bits"].shape[0])
 
 
 def write_registry(path, registry) -> None:
     """Replace the edit registry of the memory saved at ``path`` in one atomic rewrite of its file
     (tensors and every other header entry unchanged)."""
-    from safetensors.torch import save_file
-
     config, metadata, tensors = _read(Path(path))
-    _registry_of(metadata, tensors["bank_bits"].shape[0])
-    if _REGISTRY_KEY not in metadata and int(metadata.get("num_edits", "0")):
-        raise ValueError(f"the memory at {path} was saved before the edit registry: its edits are not listed")
-    metadata = {**metadata, _REGISTRY_KEY: registry.to_json(), "format_version": str(MEMORY_FORMAT_VERSION)}
-    _atomic_write(Path(path) / MEMORY_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if int(metadata.get("format_version", "0")) < 2:
+        raise ValueError(f"the memory at {path} was saved before the edit registry: load it and save it again "
+                         "to update its format")
+    _check_header({**metadata, _REGISTRY_KEY: registry.to_json()}, tensors["bank_bits"].shape[0], 2)
+    _write_memory_file(Path(path), tensors, {**metadata, _REGISTRY_KEY: registry.to_json()})
