@@ -21,7 +21,7 @@ from .registry import EditRecord, EditRegistry, read_edits_file, utc_now
 from .rehearsal import build_training_batch, choose_rehearsal
 from .routing import RoutingState
 from .tokens import pad_id_of
-from .training import BlockStack, EditResult, cached_context_prefixes, optimise_edit
+from .training import BlockStack, EditResult, build_edit_batch, cached_context_prefixes, optimise_edit
 
 __all__ = ["MemoirEditor", "attach", "validate_request", "summarise"]
 
@@ -258,6 +258,7 @@ class MemoirEditor:
             warnings.warn("MEMOIR: no background mean was fitted; using the context prefixes "
                           "(call fit_background with irrelevant sentences for better routing)", stacklevel=2)
             self.fit_background(prefixes)
+        self._check_length(prompt, target, prefixes)
         start = time.perf_counter()
         saved = self.layer.memory.detach().clone()
         replaced = self.registry.find(prompt)
@@ -281,6 +282,16 @@ class MemoirEditor:
         self.history.append(result)
         self._record(result, replaced)
         return result
+
+    def _check_length(self, prompt: str, target: str, prefixes: list[str]) -> None:
+        """Refuse, before anything runs, an edit whose longest training row exceeds the model's positions."""
+        limit = _position_limit(self.model)
+        if limit is None:
+            return
+        longest = int(build_edit_batch(self.tokenizer, prompt, target, prefixes).lengths.max())
+        if longest > limit:
+            raise ValueError(f"this edit's longest training row (context prefix + prompt + target) is {longest} "
+                             f"tokens, more than the model's {limit} positions: shorten the prompt or the target")
 
     def _choose_rehearsal(self, prompt: str) -> list[EditRecord]:
         """The stored edits to rehearse in this edit's batch (none with ``rehearse`` 0)."""
@@ -466,6 +477,16 @@ class MemoirEditor:
         return (f"MemoirEditor({self.config.target_module}, edits={self.num_edits}, masks={self.layer.num_masks}, "
                 f"rehearse={self.config.rehearse}, "
                 f"top_k={self.config.top_k}, tau={self.config.irr_threshold}, attached={self.attached})")
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    """The most positions the model takes (``max_position_embeddings``, ``n_positions``), if it says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _window_context(window):

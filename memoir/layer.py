@@ -123,6 +123,26 @@ class MemoirLayer(nn.Module):
         self.last_decision: RouteDecision | None = None
         self._inverse: tuple[tuple, torch.Tensor] | None = None  # (permutation's identity, its inverse)
 
+    # ------------------------------------------------------------------------- state dict
+    # The model's own checkpoint format is kept while a memory is attached: ``state_dict`` shows the
+    # wrapped module's keys under their original names (``...down_proj.weight``, not
+    # ``...down_proj.base_layer.weight``) and leaves the memory out, so ``model.save_pretrained``
+    # writes the original model; the memory is saved with ``editor.save``. Loading accepts the
+    # original names too.
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        if args:  # the deprecated positional form: (destination, prefix, keep_vars)
+            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
+        return self.base_layer.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+            name = key[len(prefix):]
+            if name == "memory":  # never loaded from a model checkpoint: memories load with memoir.load
+                state_dict.pop(key)
+            else:
+                state_dict[f"{prefix}base_layer.{name}"] = state_dict.pop(key)
+
     @property
     def num_masks(self) -> int:
         """Rows in the mask bank."""

@@ -223,3 +223,36 @@ def test_fuzzed_memories_load_identical_or_raise_leaving_the_model_unchanged(sav
         editor.detach()
         outcomes["loaded"] += 1
     assert outcomes["refused"] >= 150, outcomes  # nearly every corruption is caught, none loads wrong
+
+
+def test_save_pretrained_with_an_editor_attached_writes_the_original_model(char_tokenizer, tmp_path):
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    original = _snapshot(model)
+    editor = memoir.attach(model, char_tokenizer, tiny_config())
+    editor.fit_background(UNRELATED)
+    editor.edit(*EDITS[0])
+    assert model.state_dict().keys() == original.keys()  # no base_layer. names, no memory
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no missing / unexpected keys, no re-initialised layer
+        model.save_pretrained(tmp_path / "model")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    again = reloaded.state_dict()
+    assert again.keys() == original.keys() and all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_an_original_checkpoint_loads_into_a_model_with_an_editor_attached(char_tokenizer):
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    other = {k: v + 0.5 for k, v in tiny_model("llama", seed=5, vocab_size=len(char_tokenizer)).state_dict().items()}
+    editor = memoir.attach(model, char_tokenizer, tiny_config())
+    editor.fit_background(UNRELATED)
+    editor.edit(*EDITS[0])
+    memory = editor.layer.memory.detach().clone()
+    result = model.load_state_dict(other, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    weight_name = editor.config.target_module + ".weight"
+    assert torch.equal(editor.layer.base_layer.weight, other[weight_name])
+    assert torch.equal(editor.layer.memory, memory)  # the memory is not part of a model checkpoint

@@ -102,3 +102,15 @@ def test_resume_refuses_an_editor_holding_other_edits(char_tokenizer, tmp_path):
     first.edit_many(requests, progress=False, checkpoint_dir=tmp_path / "ckpt")
     assert not stale.exists()
     assert [r.prompt for r in first.edits] == [p for p, _ in EDITS]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_an_edit_longer_than_the_model_is_refused_before_anything_runs(char_tokenizer, arch):
+    model = tiny_model(arch, vocab_size=len(char_tokenizer))  # 128 positions
+    editor = memoir.attach(model, char_tokenizer, tiny_config())
+    editor.fit_background(UNRELATED)
+    editor.edit(*EDITS[0])
+    before = _state(editor)
+    with pytest.raises(ValueError, match=r"is 1\d\d tokens, more than the model's 128 positions"):
+        editor.edit("x" * 110, "a long answer")  # 125 tokens alone; not with a context prefix in front
+    _assert_same(before, _state(editor))
