@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 from .architectures import Architecture, architecture_of, get_submodule, resolve_config
 from .checkpoint import resume_stream, terminate_as_interrupt, write_checkpoint
+from .concurrency import ReadWriteGate
 from .config import MemoirConfig
 from .layer import MemoirLayer, StopForward
 from .registry import EditRecord, EditRegistry, read_edits_file, utc_now
@@ -82,11 +84,13 @@ class MemoirEditor:
         self.registry = EditRegistry()
         self._warned_unrecorded = False
         self._routing = RoutingState()
+        self._gate = ReadWriteGate()  # forward calls read the memory; edits change it (memoir.concurrency)
+        self._open_reads = threading.local()
         self._stack = self._find_block_stack(architecture_of(model)) if config.fast_edit else None
         self._replace(target, self.layer)
         self._hooks = [
             model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward),
+            model.register_forward_hook(self._after_forward, always_call=True),
         ]
         model._memoir_editor = self
 
@@ -139,24 +143,43 @@ class MemoirEditor:
     # ------------------------------------------------------------------------------- hooks
     def _before_forward(self, _module, args, kwargs):
         prompt_lengths = kwargs.pop("prompt_lengths", None)
+        # Entered first: a change of the memory by another thread finishes before this call reads it.
+        self._gate.enter_read()
+        self._open_reads.count = getattr(self._open_reads, "count", 0) + 1
+        try:
+            self._plan_call(args, kwargs, prompt_lengths)
+        except BaseException:
+            self._leave_read()
+            raise
+        return args, kwargs
+
+    def _plan_call(self, args, kwargs, prompt_lengths) -> None:
         if self.layer.mode != "route":
-            return args, kwargs
+            return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         shaped = input_ids if input_ids is not None else embeds
         if shaped is None:
             self.layer.call = None
-            return args, kwargs
+            return
         self.layer.call = self._routing.plan(
             input_ids, kwargs.get("attention_mask"), kwargs.get("past_key_values"), prompt_lengths,
             batch=shaped.shape[0], seq_len=shaped.shape[1], device=shaped.device,
         )
-        return args, kwargs
 
     def _after_forward(self, _module, _args, _output):
-        if self.layer.mode == "route":
-            self._routing.finish()
-            self.layer.call = None
+        # Registered with always_call: runs after a forward that raised, too, so the read is left.
+        try:
+            if self.layer.mode == "route":
+                self._routing.finish()
+                self.layer.call = None
+        finally:
+            self._leave_read()
+
+    def _leave_read(self) -> None:
+        if getattr(self._open_reads, "count", 0) > 0:
+            self._open_reads.count -= 1
+            self._gate.exit_read()
 
     # ------------------------------------------------------------------------------- editing
     @property
@@ -165,13 +188,14 @@ class MemoirEditor:
 
     @contextlib.contextmanager
     def _layer_mode(self, mode: str):
-        previous = self.layer.mode
-        self.layer.mode = mode
-        try:
-            yield
-        finally:
-            self.layer.mode = previous
-            self.layer.call = None
+        with self._gate.write():  # other threads' forward calls must not see the mode change
+            previous = self.layer.mode
+            self.layer.mode = mode
+            try:
+                yield
+            finally:
+                self.layer.mode = previous
+                self.layer.call = None
 
     @contextlib.contextmanager
     def _frozen_model(self):
@@ -211,12 +235,13 @@ class MemoirEditor:
         texts = [_check_text(t, "background text") for t in texts]
         if not texts:
             raise ValueError("fit_background needs at least one text")
-        if self.layer.num_masks:
-            raise RuntimeError("the background mean must be set before the first edit (stored masks depend on it)")
-        keys = self._collect_keys(texts, batch_size)
-        self.layer.background_mean = keys.mean(dim=0).to(self.layer.background_mean)
-        self.layer.has_background = True
-        return self.layer.background_mean
+        with self._gate.write():
+            if self.layer.num_masks:
+                raise RuntimeError("the background mean must be set before the first edit (stored masks depend on it)")
+            keys = self._collect_keys(texts, batch_size)
+            self.layer.background_mean = keys.mean(dim=0).to(self.layer.background_mean)
+            self.layer.has_background = True
+            return self.layer.background_mean
 
     @torch.no_grad()
     def collect_keys(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
@@ -249,8 +274,14 @@ class MemoirEditor:
         """Write one fact: after it, ``prompt`` (and its paraphrases) continue with ``target``.
 
         Raises ``TypeError``/``ValueError`` for a bad prompt or target before anything changes; if
-        the edit fails midway the memory is restored to its state before the call.
+        the edit fails midway (an error, a non-finite value: :class:`NonFiniteEditError`), the
+        memory is restored to its state before the call. Safe to call while other threads run the
+        model: it waits for their forward calls in progress, and theirs wait for it.
         """
+        with self._gate.write():
+            return self._edit(prompt, target)
+
+    def _edit(self, prompt: str, target: str) -> EditResult:
         self._require_attached()
         prompt, target = _check_text(prompt, "prompt"), _check_text(target, "target")
         prefixes = self.ensure_context_prefixes()
@@ -350,8 +381,9 @@ class MemoirEditor:
         active. Saved with the memory. Returns the updated record.
         """
         self._require_attached()
-        record = self.registry.withdraw(index)
-        self.sync_routing()
+        with self._gate.write():
+            record = self.registry.withdraw(index)
+            self.sync_routing()
         return record
 
     def export_edits(self, path) -> int:
@@ -397,7 +429,8 @@ class MemoirEditor:
         pairs = [validate_request(r, i) for i, r in enumerate(requests)]
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-        done, results = resume_stream(self, checkpoint_dir, pairs) if checkpoint_dir is not None else (0, [])
+        with self._gate.write():
+            done, results = resume_stream(self, checkpoint_dir, pairs) if checkpoint_dir is not None else (0, [])
         if not self.layer.has_background and self.config.key_aggregation == "mean_decentered":
             texts = list(background) if background is not None else _irrelevant_sentences(requests)
             if texts:

@@ -11,6 +11,7 @@ with W_m stored ``[D, d]`` (a selected column is one contiguous row).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,9 @@ class MemoirLayer(nn.Module):
         self.register_buffer("background_mean", torch.zeros(dim, device=weight.device), persistent=False)
         self.has_background = False
         self.mode = "route"
-        self.call: CallContext | None = None
+        # Per-call state lives per thread: concurrent forward calls never see each other's
+        # prompt windows or decisions (a threading.local, which torch.compile can trace).
+        self._per_thread = threading.local()
         self.train_bits: torch.Tensor | None = None  # [1, W] mask of the edit being trained
         # [R, W] stored masks of the last R rows of the training batch (rehearsed edits), or None.
         self.rehearsal_bits: torch.Tensor | None = None
@@ -120,7 +123,6 @@ class MemoirLayer(nn.Module):
         self.row_active: torch.Tensor | None = None
         self.collected: list[torch.Tensor] = []
         self.captured_input: torch.Tensor | None = None
-        self.last_decision: RouteDecision | None = None
         self._inverse: tuple[tuple, torch.Tensor] | None = None  # (permutation's identity, its inverse)
 
     # ------------------------------------------------------------------------- state dict
@@ -142,6 +144,24 @@ class MemoirLayer(nn.Module):
                 state_dict.pop(key)
             else:
                 state_dict[f"{prefix}base_layer.{name}"] = state_dict.pop(key)
+
+    @property
+    def call(self) -> CallContext | None:
+        """What the current forward call (in this thread) tells the layer: prompt window or reuse."""
+        return getattr(self._per_thread, "call", None)
+
+    @call.setter
+    def call(self, value: CallContext | None) -> None:
+        self._per_thread.call = value
+
+    @property
+    def last_decision(self) -> RouteDecision | None:
+        """The routing decision this thread's last routed forward made."""
+        return getattr(self._per_thread, "last_decision", None)
+
+    @last_decision.setter
+    def last_decision(self, value: RouteDecision | None) -> None:
+        self._per_thread.last_decision = value
 
     @property
     def num_masks(self) -> int:

@@ -12,6 +12,8 @@ the layer either the prompt window of the input or a decision to reuse:
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .layer import CallContext, RouteDecision
@@ -50,42 +52,66 @@ def _as_lengths(prompt_lengths, batch: int, device) -> torch.Tensor:
     return lengths
 
 
-class RoutingState:
-    """The last routing decision and the input it was made for."""
+class _ThreadRouting(threading.local):
+    """One thread's last decision, the input it was made for, and the call in progress."""
 
     def __init__(self) -> None:
+        self.generation = -1
         self.decision: RouteDecision | None = None
         self.input_ids: torch.Tensor | None = None
         self.pending: CallContext | None = None
         self.pending_ids: torch.Tensor | None = None
 
+
+class RoutingState:
+    """Per thread: the last routing decision and the input it was made for (each thread's calls and
+    generations route on their own inputs, whatever other threads run at the same time)."""
+
+    def __init__(self) -> None:
+        self._threads = _ThreadRouting()
+        self._generation = 0
+
+    def _mine(self) -> _ThreadRouting:
+        mine = self._threads
+        if mine.generation != self._generation:  # reset() since this thread last routed
+            mine.__init__()
+            mine.generation = self._generation
+        return mine
+
+    @property
+    def decision(self) -> RouteDecision | None:
+        return self._mine().decision
+
     def reset(self) -> None:
-        """Forget the last decision (a new bank, a new memory)."""
-        self.__init__()
+        """Forget every thread's last decision (a new bank, a new memory)."""
+        self._generation += 1
 
     def plan(self, input_ids, attention_mask, past, prompt_lengths, batch: int, seq_len: int, device) -> CallContext:
         """The context for this call (see module docstring)."""
-        reusable = self.decision is not None and self.decision.batch == batch
+        mine = self._mine()
+        reusable = mine.decision is not None and mine.decision.batch == batch
         if reusable and _past_length(past) > 0:
-            return CallContext(reuse=self.decision)
-        if prompt_lengths is None and reusable and self._extends_last(input_ids):
-            return CallContext(reuse=self.decision)
+            return CallContext(reuse=mine.decision)
+        if prompt_lengths is None and reusable and self._extends_last(mine, input_ids):
+            return CallContext(reuse=mine.decision)
         if attention_mask is None:
             attention_mask = torch.ones(batch, seq_len, dtype=torch.int64, device=device)
         elif attention_mask.shape[1] != seq_len:  # a mask covering cached tokens: keep the new ones
             attention_mask = attention_mask[:, -seq_len:]
         lengths = None if prompt_lengths is None else _as_lengths(prompt_lengths, batch, attention_mask.device)
-        self.pending, self.pending_ids = CallContext(window=prompt_window(attention_mask, lengths)), input_ids
-        return self.pending
+        mine.pending, mine.pending_ids = CallContext(window=prompt_window(attention_mask, lengths)), input_ids
+        return mine.pending
 
-    def _extends_last(self, input_ids) -> bool:
-        last = self.input_ids
+    @staticmethod
+    def _extends_last(mine: _ThreadRouting, input_ids) -> bool:
+        last = mine.input_ids
         if input_ids is None or last is None or input_ids.shape[1] <= last.shape[1]:
             return False
         return bool(torch.equal(input_ids[:, : last.shape[1]], last))
 
     def finish(self) -> None:
         """Keep the decision the layer made during the call just run."""
-        if self.pending is not None and self.pending.decision is not None:
-            self.decision, self.input_ids = self.pending.decision, self.pending_ids
-        self.pending = self.pending_ids = None
+        mine = self._mine()
+        if mine.pending is not None and mine.pending.decision is not None:
+            mine.decision, mine.input_ids = mine.pending.decision, mine.pending_ids
+        mine.pending = mine.pending_ids = None
