@@ -107,8 +107,11 @@ class MemoirLayer(nn.Module):
             torch.zeros(dim, hidden, dtype=_DTYPES[memory_dtype], device=weight.device), requires_grad=False
         )
         self.register_buffer("permutation", torch.randperm(dim, generator=generator).to(weight.device), persistent=False)
-        self.register_buffer("bank_bits", torch.zeros(0, num_words(dim), dtype=torch.int64, device=weight.device),
+        # The bank grows in place: rows [0, N) of a storage whose capacity doubles when full, so an
+        # edit appends one row instead of copying the whole bank (bank_bits is a view of it).
+        self.register_buffer("_bank_storage", torch.zeros(0, num_words(dim), dtype=torch.int64, device=weight.device),
                              persistent=False)
+        self._bank_rows = 0
         self.register_buffer("background_mean", torch.zeros(dim, device=weight.device), persistent=False)
         self.has_background = False
         self.mode = "route"
@@ -166,7 +169,23 @@ class MemoirLayer(nn.Module):
     @property
     def num_masks(self) -> int:
         """Rows in the mask bank."""
-        return self.bank_bits.shape[0]
+        return self._bank_rows
+
+    @property
+    def bank_bits(self) -> torch.Tensor:
+        """``[N, W]`` int64, the stored masks (a view of the bank's storage, no copy).
+
+        Rows never change once stored; an edit appends one. A decision (or a CUDA graph) made
+        before an edit keeps searching the rows that existed then, and reads W_m as it is when it
+        runs. When the bank outgrows its capacity the storage is reallocated: a CUDA graph captured
+        before that reads the old storage's address, so recapture graphs after edits.
+        """
+        return self._bank_storage[: self._bank_rows]
+
+    @bank_bits.setter
+    def bank_bits(self, bits: torch.Tensor) -> None:
+        self._bank_storage = bits.to(device=self._bank_storage.device, dtype=torch.int64).contiguous().clone()
+        self._bank_rows = bits.shape[0]
 
     def extra_repr(self) -> str:
         return f"D={self.in_features}, d={self.out_features}, top_k={self.top_k}, tau={self.irr_threshold}, masks={self.num_masks}"
@@ -297,10 +316,22 @@ class MemoirLayer(nn.Module):
 
     # -------------------------------------------------------------------------------- bank edits
     def add_mask(self, bits: torch.Tensor) -> tuple[int, bool]:
-        """Store packed mask ``bits [1, W]``; returns ``(row, added)``. Duplicates add no row."""
-        if self.num_masks:
-            same = (self.bank_bits == bits).all(dim=1).nonzero()
-            if same.numel():
-                return int(same[0, 0]), False
-        self.bank_bits = torch.cat([self.bank_bits, bits.to(self.bank_bits.device)], dim=0)
-        return self.num_masks - 1, True
+        """Store packed mask ``bits [1, W]`` (exactly ``top_k`` bits); returns ``(row, added)``.
+
+        A mask equal to a stored one adds no row: found with the mask search itself, since two
+        masks of k bits each are equal exactly when they overlap in k positions. Amortised O(1)
+        besides that search: the storage doubles when full.
+        """
+        rows = self._bank_rows
+        bits = bits.to(self._bank_storage.device)
+        if rows:
+            index, overlap = mask_search(bits, self.bank_bits)
+            if int(overlap[0]) == self.top_k:
+                return int(index[0]), False
+        if rows == self._bank_storage.shape[0]:
+            grown = self._bank_storage.new_zeros(max(16, 2 * rows), self._bank_storage.shape[1])
+            grown[:rows] = self._bank_storage[:rows]
+            self._bank_storage = grown
+        self._bank_storage[rows] = bits[0]
+        self._bank_rows = rows + 1
+        return rows, True
