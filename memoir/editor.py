@@ -136,6 +136,11 @@ class MemoirEditor:
             warnings.warn(f"MEMOIR: no fast editing path for {type(self.model).__name__}; using the plain recipe",
                           stacklevel=3)
             return None
+        if name != f"{prefix}{index}.{arch.mlp_out}":
+            # The fast path adds the residual straight into the block's output after its MLP.
+            raise ValueError(f"target_module {name!r} is not the MLP output projection of a decoder block "
+                             f"(here {prefix}N.{arch.mlp_out}); the fast editing path needs one. "
+                             "Pass MemoirConfig(fast_edit=False) to edit another linear layer with the plain recipe")
         # The MLP holding the edited projection, relative to its block ("mlp" for "mlp.down_proj").
         mlp_path = name[len(prefix) + len(index) + 1:].rpartition(".")[0] or None
         return BlockStack(blocks, int(index), norm, head, mlp_path)

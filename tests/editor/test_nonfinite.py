@@ -114,3 +114,15 @@ def test_an_edit_longer_than_the_model_is_refused_before_anything_runs(char_toke
     with pytest.raises(ValueError, match=r"is 1\d\d tokens, more than the model's 128 positions"):
         editor.edit("x" * 110, "a long answer")  # 125 tokens alone; not with a context prefix in front
     _assert_same(before, _state(editor))
+
+
+def test_a_target_that_is_not_an_mlp_projection_is_refused_for_the_fast_path(char_tokenizer):
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    attention = "model.layers.1.self_attn.o_proj"
+    with pytest.raises(ValueError, match="not the MLP output projection.*fast_edit=False"):
+        memoir.attach(model, char_tokenizer, tiny_config(target_module=attention))
+    assert not hasattr(model, "_memoir_editor") and not model._forward_pre_hooks
+    editor = memoir.attach(model, char_tokenizer, tiny_config(target_module=attention, fast_edit=False))
+    editor.fit_background(UNRELATED)
+    editor.edit(*EDITS[0])
+    assert target_accuracy(editor, *EDITS[0]) == 1.0
