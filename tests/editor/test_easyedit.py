@@ -61,6 +61,8 @@ def test_shipped_hparams_match_the_presets():
         assert (hparams.top_k, hparams.irr_threshold, hparams.n_iter, hparams.edit_lr) == \
             (preset.top_k, preset.irr_threshold, preset.n_iter, preset.lr), name
         assert hparams.weight_decay in (None, preset.weight_decay), name
+        # The reference models' yaml keep the reference recipe; SmolLM2's ships the measured rehearsal.
+        assert hparams.rehearse == (preset.rehearse if name == "smollm2-135m" else 0), name
     llama2 = MEMOIRHyperParams.from_hparams("llama-7b")  # proportional rule, no measured preset
     assert llama2.target_module == "model.layers.27.mlp.down_proj" and llama2.top_k == round(0.2857 * 11008)
 
