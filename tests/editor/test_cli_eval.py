@@ -85,3 +85,16 @@ def test_missing_or_malformed_records_file_is_named_with_the_fix(tmp_path):
     (tmp_path / "object.json").write_text('{"src": "x"}')
     with pytest.raises(ValueError, match="not a JSON array"):
         load_zsre(tmp_path / "object.json")
+
+
+def test_saved_eval_memory_carries_the_registry_and_rehearsal_counts(tmp_path, saved_model):
+    from memoir.persistence import read_registry
+
+    memory = tmp_path / "memory"
+    report = run_eval(tmp_path, saved_model, "--rehearse", "2", "--save-memory", str(memory))
+    registry = read_registry(memory)
+    assert [(r.prompt, r.target) for r in registry] == [("Alice lives in", "Paris"), ("Where does Alice live?", "Rome"),
+                                                         ("The sky is", "blue")]
+    assert [r.rehearsed for r in registry] == report["per_record"]["rehearsed"] == [0, 1, 2]
+    assert report["config"]["rehearse"] == 2 and report["mean_rehearsed"] == 1.0
+    assert [r.final_loss for r in registry] == report["per_record"]["final_loss"]
