@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test install install-dev native-check triton36-check lint bench eval clean
+.PHONY: demo test install install-dev native-check triton36-check transformers-latest-check lint bench eval clean
 
 $(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ TRITON36_VENV ?= .venv-triton36
 $(TRITON36_VENV)/.installed: requirements-triton36.txt
 	$(PYTHON) -m venv $(TRITON36_VENV)
 	$(TRITON36_VENV)/bin/python -m pip install --quiet -r requirements-triton36.txt
+	touch $@
+
+# Routing through generate under the newest transformers release too (the pin is 5.17.0; a user's
+# fresh environment gets the newest, which passes the KV cache under another keyword).
+TFLATEST_VENV ?= .venv-tflatest
+$(TFLATEST_VENV)/.installed: requirements-transformers-latest.txt
+	$(PYTHON) -m venv $(TFLATEST_VENV)
+	$(TFLATEST_VENV)/bin/python -m pip install --quiet -r requirements-transformers-latest.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -46,10 +54,14 @@ native-check:
 triton36-check: install $(TRITON36_VENV)/.installed
 	PYTHONPATH=$(CURDIR) $(TRITON36_VENV)/bin/python -m pytest tests/kernels -q -p no:cacheprovider
 
+transformers-latest-check: install $(TFLATEST_VENV)/.installed
+	PYTHONPATH=$(CURDIR) $(TFLATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/editor/test_generate_routing.py tests/editor/test_routing.py tests/editor/test_threads.py
+
 lint: install-dev
 	$(VENV)/bin/ruff check memoir memoir_kernels tests benchmarks
 
-test: install-dev native-check lint triton36-check
+test: install-dev native-check lint triton36-check transformers-latest-check
 	$(PY) -m pytest tests -q
 
 bench: install-dev
@@ -59,4 +71,4 @@ eval: install
 	$(PY) -m memoir eval --edits 100 --out results/eval_t100.json
 
 clean:
-	rm -rf build $(VENV) $(TRITON36_VENV) *.egg-info memoir_kernels/_C*.so
+	rm -rf build $(VENV) $(TRITON36_VENV) $(TFLATEST_VENV) *.egg-info memoir_kernels/_C*.so

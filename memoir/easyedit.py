@@ -36,6 +36,7 @@ import torch
 
 from .config import KEY_AGGREGATIONS, MemoirConfig
 from .editor import MemoirEditor, attach
+from .routing import cached_length
 
 __all__ = [
     "MEMOIRHyperParams",
@@ -505,7 +506,7 @@ class MEMOIR:
     def __call__(self, *args, last_prompt_token_loc_inference=None, **kwargs):
         """Run the model; ``last_prompt_token_loc_inference`` gives each row's last prompt position."""
         self.get_adapter_layer()
-        if last_prompt_token_loc_inference is not None and not _has_cache(kwargs.get("past_key_values")):
+        if last_prompt_token_loc_inference is not None and not cached_length(args, kwargs):
             shaped = kwargs.get("input_ids", args[0] if args else None)
             if shaped is None:
                 shaped = kwargs.get("inputs_embeds")
@@ -534,14 +535,6 @@ class MEMOIR:
 
     def __repr__(self) -> str:
         return f"MEMOIR({self.editor!r})"
-
-
-def _has_cache(past) -> bool:
-    if past is None:
-        return False
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length()) > 0
-    return bool(past)
 
 
 def _prompt_lengths(last, attention_mask, batch: int, seq_len: int, device) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .config import MemoirConfig
 from .layer import MemoirLayer, StopForward
 from .registry import EditRecord, EditRegistry, read_edits_file, utc_now
 from .rehearsal import build_training_batch, choose_rehearsal
-from .routing import RoutingState
+from .routing import RoutingState, cached_length
 from .tokens import pad_id_of
 from .training import BlockStack, EditResult, build_edit_batch, cached_context_prefixes, optimise_edit
 
@@ -167,8 +167,9 @@ class MemoirEditor:
         if shaped is None:
             self.layer.call = None
             return
+        attention_mask = kwargs.get("attention_mask")
         self.layer.call = self._routing.plan(
-            input_ids, kwargs.get("attention_mask"), kwargs.get("past_key_values"), prompt_lengths,
+            input_ids, attention_mask, cached_length(args, kwargs, attention_mask, shaped.shape[1]), prompt_lengths,
             batch=shaped.shape[0], seq_len=shaped.shape[1], device=shaped.device,
         )
 

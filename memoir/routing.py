@@ -3,7 +3,8 @@
 The editor registers one forward pre-hook on the model (removed on detach). For each call it tells
 the layer either the prompt window of the input or a decision to reuse:
 
-* a call with a non-empty KV cache continues the sequences of the last decision: reuse it;
+* a call that continues earlier tokens (a non-empty KV cache under any keyword, or an attention
+  mask longer than its new tokens) continues the sequences of the last decision: reuse it;
 * a call whose ``input_ids`` extend the last routed ``input_ids`` (generation without a cache) is
   the same sequences: reuse it;
 * otherwise the prompt is every non-padding token, or the first ``prompt_lengths[b]`` real tokens
@@ -18,7 +19,7 @@ import torch
 
 from .layer import CallContext, RouteDecision
 
-__all__ = ["RoutingState", "prompt_window"]
+__all__ = ["RoutingState", "prompt_window", "cached_length"]
 
 
 def prompt_window(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor | None) -> torch.Tensor:
@@ -33,14 +34,29 @@ def prompt_window(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor | N
     return real & (rank < prompt_lengths.to(rank.device)[:, None])
 
 
-def _past_length(past) -> int:
-    if past is None:
+def _cache_length(value) -> int:
+    """Tokens held by a KV cache object (any ``Cache`` class) or a legacy tuple cache; 0 otherwise."""
+    if value is None:
         return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuple cache
-        return int(past[0][0].shape[-2])
+    if hasattr(value, "get_seq_length"):
+        return int(value.get_seq_length())
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)) and value[0] \
+            and isinstance(value[0][0], torch.Tensor):
+        return int(value[0][0].shape[-2])  # legacy ((key, value), ...) per layer
     return 0
+
+
+def cached_length(args: tuple, kwargs: dict, attention_mask=None, seq_len: int | None = None) -> int:
+    """How many earlier tokens of these sequences a forward call continues from (0: a new prompt).
+
+    Read from whatever the caller passed, not from one keyword: transformers 5.17 passes the
+    cache as ``past_key_values``, 5.25 as ``cache``, and a KV cache object is recognised under any
+    name or position; an attention mask longer than the new tokens also says earlier tokens exist.
+    """
+    length = max((_cache_length(v) for v in (*args, *kwargs.values())), default=0)
+    if attention_mask is not None and seq_len is not None and attention_mask.dim() == 2:
+        length = max(length, attention_mask.shape[1] - seq_len)
+    return length
 
 
 def _as_lengths(prompt_lengths, batch: int, device) -> torch.Tensor:
@@ -86,11 +102,12 @@ class RoutingState:
         """Forget every thread's last decision (a new bank, a new memory)."""
         self._generation += 1
 
-    def plan(self, input_ids, attention_mask, past, prompt_lengths, batch: int, seq_len: int, device) -> CallContext:
-        """The context for this call (see module docstring)."""
+    def plan(self, input_ids, attention_mask, past_length: int, prompt_lengths, batch: int, seq_len: int,
+             device) -> CallContext:
+        """The context for this call (see module docstring); ``past_length`` from :func:`cached_length`."""
         mine = self._mine()
         reusable = mine.decision is not None and mine.decision.batch == batch
-        if reusable and _past_length(past) > 0:
+        if reusable and past_length > 0:
             return CallContext(reuse=mine.decision)
         if prompt_lengths is None and reusable and self._extends_last(mine, input_ids):
             return CallContext(reuse=mine.decision)
