@@ -48,6 +48,7 @@ class _Preset:
     lr: float = 1.0
     weight_decay: float = 1e-5
     rehearse: int = 4  # the product's default (README, "Rehearsal"); 0 is the faithful recipe
+    answer_end: str = "none"  # "eos" teaches where the answer ends (README, "Answers that end")
 
 
 # Keyed by (model_type, n_layers, hidden size, intermediate size). The LLaMA-3 / Mistral values are
@@ -137,4 +138,6 @@ def resolve_config(model: nn.Module, config: MemoirConfig | None) -> MemoirConfi
         changes["weight_decay"] = preset.weight_decay
     if config.rehearse is None:
         changes["rehearse"] = preset.rehearse
+    if config.answer_end is None:
+        changes["answer_end"] = preset.answer_end
     return config.replace(**changes) if changes else config

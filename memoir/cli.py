@@ -52,7 +52,7 @@ def _config_from_args(args):
     changes = {key: getattr(args, key) for key in ("target_module", "top_k", "irr_threshold", "n_iter", "lr",
                                                      "weight_decay", "decay_scope", "key_aggregation", "memory_dtype",
                                                      "num_background", "rehearse", "rehearse_select",
-                                                     "rehearse_min_overlap", "rehearse_weight")
+                                                     "rehearse_min_overlap", "rehearse_weight", "answer_end")
                if getattr(args, key) is not None}
     if args.no_fast_edit:
         changes["fast_edit"] = False
@@ -73,6 +73,11 @@ def _print_table(report: dict) -> None:
           f"{report['overlap_edit']:.2f}/{report['overlap_rephrase']:.2f}/{report['overlap_unrelated']:.2f}")
     if report.get("one_per_subject"):
         print(f"edit stream: the first record of each subject, records 0-{report['last_source_record']}")
+    if "gen_exact_rel" in report:
+        print(f"generate: exact {report['gen_exact_rel']:.3f} (edited) / {report['gen_exact_gen']:.3f} (paraphrases), "
+              f"clean {report['gen_clean']:.3f}, unrelated unchanged {report['gen_loc']:.3f}")
+        for example in report["generate_examples"]:
+            print(f"  {example['prompt']!r}: {example['before']!r} -> {example['after']!r}")
     if report.get("contradicted_later"):
         print(f"Rel of the {report['contradicted_later']} edits contradicted by a later edit (same subject): "
               f"{report['rel_contradicted_later']:.3f}; of the others: {report['rel_not_contradicted']:.3f}")
@@ -112,6 +117,10 @@ def cmd_eval(args) -> int:
     report["model"] = args.model
     if args.sweep_threshold:
         report["threshold_sweep"] = sweep_thresholds(editor, edits, report)
+    if args.generate:
+        from .generation_eval import generation_scores
+
+        report.update(generation_scores(editor, edits))
     if args.save_memory:
         editor.save(args.save_memory)
     _print_table(report)
@@ -197,7 +206,7 @@ def cmd_edits(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DECAY_SCOPES, KEY_AGGREGATIONS, MEMORY_DTYPES, REHEARSE_SELECTIONS
+    from .config import ANSWER_ENDS, DECAY_SCOPES, KEY_AGGREGATIONS, MEMORY_DTYPES, REHEARSE_SELECTIONS
 
     parser = argparse.ArgumentParser(prog="python -m memoir", description="MEMOIR lifelong model editing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weight-decay", type=float, default=None)
     ev.add_argument("--decay-scope", choices=DECAY_SCOPES, default=None)
     ev.add_argument("--key-aggregation", choices=KEY_AGGREGATIONS, default=None)
+    ev.add_argument("--generate", action="store_true",
+                    help="also score greedy generation: gen_exact_rel, gen_exact_gen, gen_clean, gen_loc")
+    ev.add_argument("--answer-end", choices=ANSWER_ENDS, default=None,
+                    help="'eos': teach the end of the answer after each target; 'none': the faithful recipe")
     ev.add_argument("--rehearse", type=int, default=None, metavar="R",
                     help="stored edits rehearsed per edit (0: the faithful recipe; default: the preset)")
     ev.add_argument("--rehearse-select", choices=REHEARSE_SELECTIONS, default=None)

@@ -9,12 +9,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["MemoirConfig", "CONFIG_FORMAT_VERSION", "KEY_AGGREGATIONS", "DECAY_SCOPES", "REHEARSE_SELECTIONS"]
+__all__ = ["MemoirConfig", "CONFIG_FORMAT_VERSION", "KEY_AGGREGATIONS", "DECAY_SCOPES", "REHEARSE_SELECTIONS", "ANSWER_ENDS"]
 
 CONFIG_FORMAT_VERSION = 1
 KEY_AGGREGATIONS = ("mean_decentered", "mean", "last")
 DECAY_SCOPES = ("all", "masked")
 REHEARSE_SELECTIONS = ("overlap", "recent")
+ANSWER_ENDS = ("eos", "none")
 MEMORY_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -64,6 +65,11 @@ class MemoirConfig:
     rehearse_prefixes: bool = field(
         default=False, metadata={"help": "Rehearse each stored edit with its context-prefix rows too (11 rows)."}
     )
+    answer_end: str | None = field(
+        default=None,
+        metadata={"help": "'eos': teach the EOS / end-of-turn token after each target, so generate stops after "
+                          "the answer; 'none': the faithful recipe; None = preset."},
+    )
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip per step (0 disables)."})
     early_stop_loss: float = field(default=0.02, metadata={"help": "Stop when the loss is at most this..."})
     early_stop_delta: float = field(default=1e-4, metadata={"help": "...and changed by at most this."})
@@ -107,6 +113,7 @@ class MemoirConfig:
         _check(_is_finite(self.rehearse_weight) and self.rehearse_weight > 0,
                "rehearse_weight must be a finite number > 0")
         _check(isinstance(self.rehearse_prefixes, bool), "rehearse_prefixes must be a bool")
+        _check(self.answer_end is None or self.answer_end in ANSWER_ENDS, f"answer_end must be one of {ANSWER_ENDS}")
         _check(_is_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip must be a finite number >= 0")
         _check(_is_finite(self.early_stop_loss) and self.early_stop_loss >= 0,
                "early_stop_loss must be a finite number >= 0")

@@ -68,8 +68,8 @@ class MEMOIRHyperParams:
     preset, 1e-5 as in the reference for its models), ``num_background`` (rows of the background
     feature file averaged into mu; the reference uses 100) and the rehearsal keys ``rehearse``
     (stored edits rehearsed per edit; default 0, the reference's recipe), ``rehearse_select``,
-    ``rehearse_min_overlap``, ``rehearse_weight``, ``rehearse_prefixes`` (see
-    :class:`memoir.MemoirConfig`).
+    ``rehearse_min_overlap``, ``rehearse_weight``, ``rehearse_prefixes``, and ``answer_end``
+    (default ``"none"``, the reference's recipe; see :class:`memoir.MemoirConfig`).
     """
 
     edit_lr: float
@@ -96,6 +96,7 @@ class MEMOIRHyperParams:
     rehearse_min_overlap: float = 0.0
     rehearse_weight: float = 1.0
     rehearse_prefixes: bool = False
+    answer_end: str = "none"
 
     def __post_init__(self) -> None:
         if self.alg_name != "MEMOIR":
@@ -179,7 +180,8 @@ class MEMOIRHyperParams:
                        key_aggregation=self.prompt_feature_agg, n_iter=self.n_iter, lr=self.edit_lr,
                        num_background=self.num_background, rehearse=self.rehearse,
                        rehearse_select=self.rehearse_select, rehearse_min_overlap=self.rehearse_min_overlap,
-                       rehearse_weight=self.rehearse_weight, rehearse_prefixes=self.rehearse_prefixes)
+                       rehearse_weight=self.rehearse_weight, rehearse_prefixes=self.rehearse_prefixes,
+                       answer_end=self.answer_end)
         if self.weight_decay is not None:
             changes["weight_decay"] = self.weight_decay
         return (base or MemoirConfig()).replace(**changes)

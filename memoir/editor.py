@@ -23,7 +23,14 @@ from .registry import EditRecord, EditRegistry, read_edits_file, utc_now
 from .rehearsal import build_training_batch, choose_rehearsal
 from .routing import RoutingState, cached_length
 from .tokens import pad_id_of
-from .training import BlockStack, EditResult, build_edit_batch, cached_context_prefixes, optimise_edit
+from .training import (
+    BlockStack,
+    EditResult,
+    answer_end_id,
+    build_edit_batch,
+    cached_context_prefixes,
+    optimise_edit,
+)
 
 __all__ = ["MemoirEditor", "attach", "validate_request", "summarise"]
 
@@ -83,6 +90,7 @@ class MemoirEditor:
         self.history: list[EditResult] = []
         self.registry = EditRegistry()
         self._warned_unrecorded = False
+        self._end_id = answer_end_id(model, tokenizer, config)  # taught after each target, or None
         self._routing = RoutingState()
         self._gate = ReadWriteGate()  # forward calls read the memory; edits change it (memoir.concurrency)
         self._open_reads = threading.local()
@@ -302,7 +310,7 @@ class MemoirEditor:
         try:
             rehearsed = self._choose_rehearsal(prompt)
             batch, rehearsal = build_training_batch(self.tokenizer, prompt, target, prefixes, rehearsed,
-                                                    self.layer.bank_bits, self.config)
+                                                    self.layer.bank_bits, self.config, self._end_id)
             if rehearsal is not None:
                 rehearsal.bits = rehearsal.bits.to(self.device)
             with self._frozen_model():
@@ -325,7 +333,7 @@ class MemoirEditor:
         limit = _position_limit(self.model)
         if limit is None:
             return
-        longest = int(build_edit_batch(self.tokenizer, prompt, target, prefixes).lengths.max())
+        longest = int(build_edit_batch(self.tokenizer, prompt, target, prefixes, self._end_id).lengths.max())
         if longest > limit:
             raise ValueError(f"this edit's longest training row (context prefix + prompt + target) is {longest} "
                              f"tokens, more than the model's {limit} positions: shorten the prompt or the target")

@@ -223,6 +223,8 @@ def _parse_config(text, where: str):
         version = data.get("version", CONFIG_FORMAT_VERSION)
         if not isinstance(version, int) or isinstance(version, bool) or version > CONFIG_FORMAT_VERSION:
             raise ValueError(f"config version {version!r} is newer than this memoir's {CONFIG_FORMAT_VERSION}")
+        # Settings added after a memory was written were off when it was made: the faithful recipe.
+        data = {"rehearse": 0, "answer_end": "none", **data}
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # an unknown key is a file from elsewhere: refuse it here
             return MemoirConfig.from_dict(data)

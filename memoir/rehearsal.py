@@ -83,7 +83,8 @@ def _recent(registry: EditRegistry, bank_bits, query_bits, wanted: int, floor: f
 
 
 def build_training_batch(tokenizer, prompt: str, target: str, prefixes: list[str], rehearsed: list[EditRecord],
-                         bank_bits: torch.Tensor, config: MemoirConfig) -> tuple[TokenBatch, Rehearsal | None]:
+                         bank_bits: torch.Tensor, config: MemoirConfig, end_id: int | None = None
+                         ) -> tuple[TokenBatch, Rehearsal | None]:
     """The edit's batch (its row, then one row per context prefix) followed by the rehearsed rows.
 
     Each rehearsed edit gives its ``prompt + ' ' + target`` row (and, with ``rehearse_prefixes``,
@@ -91,14 +92,14 @@ def build_training_batch(tokenizer, prompt: str, target: str, prefixes: list[str
     loss. With nothing to rehearse the batch is exactly the faithful recipe's.
     """
     if not rehearsed:
-        return build_edit_batch(tokenizer, prompt, target, prefixes), None
+        return build_edit_batch(tokenizer, prompt, target, prefixes, end_id), None
     prompts = edit_prompts(prompt, prefixes)
     targets = [target] * len(prompts)
     rows = []
     for record in rehearsed:
         texts = edit_prompts(record.prompt, prefixes if config.rehearse_prefixes else [])
         rows += [(text, record.target, record.mask_row) for text in texts]
-    batch = batch_prompt_target(tokenizer, prompts + [r[0] for r in rows], targets + [r[1] for r in rows])
+    batch = batch_prompt_target(tokenizer, prompts + [r[0] for r in rows], targets + [r[1] for r in rows], end_id)
     bits = bank_bits[torch.tensor([r[2] for r in rows], device=bank_bits.device)]
     weights = torch.ones(len(prompts) + len(rows), dtype=torch.float64)
     weights[len(prompts):] = config.rehearse_weight

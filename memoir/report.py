@@ -64,6 +64,27 @@ def _avg(*values) -> float:
     return sum(values) / len(values) if len(values) == 3 else float("nan")
 
 
+def _generation_section(report: dict) -> list[str]:
+    """Greedy generation after the edits (``eval --generate``): the four shares and a few examples."""
+    if "gen_exact_rel" not in report:
+        return []
+    lines = ["## Generation (greedy, target + 10 tokens)", "", "| Share | Value |", "|---|---:|",
+             f"| continuation begins with the target, edited prompts | {_fmt(report['gen_exact_rel'])} |",
+             f"| the same, paraphrases | {_fmt(report['gen_exact_gen'])} |",
+             f"| of those, the answer ends cleanly | {_fmt(report['gen_clean'])} |",
+             f"| unrelated prompts generate exactly as before | {_fmt(report['gen_loc'])} |", ""]
+    examples = report.get("generate_examples") or []
+    if examples:
+        lines += ["| Prompt | Before | After |", "|---|---|---|"]
+        lines += [f"| {_cell(e['prompt'])} | {_cell(e['before'])} | {_cell(e['after'])} |" for e in examples]
+        lines.append("")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _rehearsal_setting(config: dict) -> str | None:
     if config.get("rehearse") is None:
         return None
@@ -114,6 +135,7 @@ def summary_markdown(report: dict, images: dict[str, str] | None = None) -> str:
     if report.get("mean_rehearsed"):
         timing.append(f"{_fmt(report['mean_rehearsed'], 2)} stored edits rehearsed per edit on average")
     lines += ["Editing: " + ", ".join(timing) + ".", ""]
+    lines += _generation_section(report)
     if report.get("skipped_empty_target"):
         lines += [f"{report['skipped_empty_target']} record(s) with an empty target were skipped.", ""]
     if report.get("one_per_subject"):

@@ -49,11 +49,13 @@ class TokenBatch:
         return positions < self.prompt_lengths[:, None]
 
 
-def batch_prompt_target(tokenizer, prompts: list[str], targets: list[str]) -> TokenBatch:
+def batch_prompt_target(tokenizer, prompts: list[str], targets: list[str], end_id: int | None = None) -> TokenBatch:
     """Tokenise ``prompt + ' ' + target`` rows (right padding); targets may be empty strings.
 
     The prompt length of a row is the token count of the prompt alone; if the tokenizer merges
     across the boundary, the full sequence is rebuilt from the two halves so the boundary holds.
+    With ``end_id``, that token follows every non-empty target (it counts as a target token: the
+    end of the answer is then part of what an edit teaches).
     """
     pad = pad_id_of(tokenizer)
     rows, prompt_lengths = [], []
@@ -63,6 +65,8 @@ def batch_prompt_target(tokenizer, prompts: list[str], targets: list[str]) -> To
         if full_ids[: len(prompt_ids)] != prompt_ids:
             target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
             full_ids = prompt_ids + list(target_ids)
+        if end_id is not None and target:
+            full_ids = list(full_ids) + [end_id]
         rows.append(full_ids)
         prompt_lengths.append(len(prompt_ids))
     width = max(len(r) for r in rows)

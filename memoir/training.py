@@ -24,7 +24,7 @@ from .head_loss import linear_cross_entropy, loss_dtype, row_mean_weights
 from .layer import CallContext, MemoirLayer
 from .tokens import TokenBatch, batch_prompt_target
 
-__all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "edit_prompts", "build_edit_batch", "optimise_edit", "BlockStack",
+__all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "edit_prompts", "build_edit_batch", "answer_end_id", "optimise_edit", "BlockStack",
            "Rehearsal", "NonFiniteEditError"]
 
 
@@ -128,10 +128,31 @@ def edit_prompts(prompt: str, prefixes: list[str]) -> list[str]:
     return [prompt] + [f"{prefix} {prompt}" for prefix in prefixes]
 
 
-def build_edit_batch(tokenizer, prompt: str, target: str, prefixes: list[str]) -> TokenBatch:
-    """Row 0: ``prompt + ' ' + target``; then one row per context prefix, ``prefix + ' ' + row 0``."""
+def build_edit_batch(tokenizer, prompt: str, target: str, prefixes: list[str], end_id: int | None = None
+                     ) -> TokenBatch:
+    """Row 0: ``prompt + ' ' + target``; then one row per context prefix, ``prefix + ' ' + row 0``;
+    with ``end_id`` each target is followed by that token (see :func:`answer_end_id`)."""
     prompts = edit_prompts(prompt, prefixes)
-    return batch_prompt_target(tokenizer, prompts, [target] * len(prompts))
+    return batch_prompt_target(tokenizer, prompts, [target] * len(prompts), end_id)
+
+
+def answer_end_id(model: nn.Module, tokenizer, config: MemoirConfig) -> int | None:
+    """The token taught after each target (``answer_end="eos"``), or ``None`` (the faithful recipe).
+
+    The token ``generate`` stops at: the model's generation config's ``eos_token_id`` (its first
+    one), which for chat models is the end-of-turn token (SmolLM2-Instruct: ``<|im_end|>``),
+    else the tokenizer's EOS.
+    """
+    if config.answer_end == "none":
+        return None
+    generation = getattr(model, "generation_config", None)
+    for value in (getattr(generation, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    raise ValueError("answer_end='eos' needs an EOS token (generation_config.eos_token_id or the tokenizer's); "
+                     "set answer_end='none' for a model without one")
 
 
 def _mean_row_loss(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int,

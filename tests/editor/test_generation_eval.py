@@ -1,0 +1,75 @@
+"""eval --generate: the gen_* scores against hand-computed expectations, and the taught answer end."""
+
+import pytest
+import torch
+
+import memoir
+from memoir.generation_eval import AFTER_TARGET, classify_continuation, generation_scores
+from memoir.models import tiny_model
+from memoir.training import build_edit_batch
+
+from .helpers import EDITS, UNRELATED, tiny_config
+
+EOS = 2
+TARGET = [40, 41, 42]
+
+
+def _decode(ids):
+    table = {50: " word", 51: ".", 52: "\n", 53: " and", 40: " Lami", 41: "in", 42: "ae"}
+    return "".join(table.get(i, "?") for i in ids)
+
+
+@pytest.mark.parametrize("tokens,exact,clean", [
+    pytest.param(TARGET + [EOS], True, True, id="eos right after"),
+    pytest.param(TARGET + [53, 50, 51, 50], True, True, id="sentence end within 10"),
+    pytest.param(TARGET + [53, 52], True, True, id="newline"),
+    pytest.param(TARGET + TARGET + TARGET[:1], True, False, id="repeats the target"),
+    pytest.param(TARGET + [53] * AFTER_TARGET + [EOS], True, False, id="ends too late"),
+    pytest.param(TARGET, True, False, id="no end at all"),
+    pytest.param([40, 41, 50, EOS], False, False, id="not the target"),
+    pytest.param([], False, False, id="nothing generated"),
+])
+def test_continuations_are_classified_by_hand(tokens, exact, clean):
+    got = classify_continuation(tokens, TARGET, {EOS}, _decode)
+    assert (got.exact, got.clean) == (exact, clean)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMOIR_CACHE", str(tmp_path / "cache"))
+
+
+def test_the_answer_end_is_a_label_and_not_part_of_the_key(char_tokenizer):
+    plain = build_edit_batch(char_tokenizer, "Alice lives in", "Paris", ["I am"])
+    ended = build_edit_batch(char_tokenizer, "Alice lives in", "Paris", ["I am"], end_id=EOS)
+    assert torch.equal(ended.prompt_lengths, plain.prompt_lengths)
+    assert torch.equal(ended.lengths, plain.lengths + 1)
+    rows, positions = ended.target_positions()
+    last = [int(positions[rows == r].max()) for r in range(2)]
+    assert [int(ended.input_ids[r, p]) for r, p in enumerate(last)] == [EOS, EOS]  # the last label is EOS
+    # The routing key (the stored mask) comes from the prompt alone: the same with and without it.
+    masks = []
+    for answer_end in ("none", "eos"):
+        model = tiny_model("llama", vocab_size=len(char_tokenizer))
+        editor = memoir.attach(model, char_tokenizer, tiny_config(answer_end=answer_end))
+        editor.fit_background(UNRELATED)
+        editor.edit(*EDITS[0])
+        masks.append(editor.layer.bank_bits.clone())
+    assert torch.equal(masks[0], masks[1])
+
+
+def test_generation_scores_on_a_tiny_model(char_tokenizer):
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    editor = memoir.attach(model, char_tokenizer, tiny_config(answer_end="eos"))
+    editor.fit_background(UNRELATED)
+    records = [{"src": p, "rephrase": p, "alt": t, "loc": u, "loc_ans": "x"}
+               for (p, t), u in zip(EDITS, UNRELATED, strict=True)]
+    for record in records:
+        editor.edit(record["src"], record["alt"])
+    scores = generation_scores(editor, records)
+    # Taught to end with EOS, each edited prompt generates its target and stops; unrelated prompts
+    # are not routed (tau 0.75), so they generate what the unedited model does.
+    assert scores["gen_exact_rel"] == scores["gen_exact_gen"] == 1.0
+    assert scores["gen_clean"] == 1.0
+    assert scores["gen_loc"] == 1.0
+    assert [e["after"].strip() for e in scores["generate_examples"]] == [t for _, t in EDITS]
