@@ -74,11 +74,19 @@ def model_fingerprint(model: nn.Module) -> str:
         if id(param) in skipped:
             continue
         flat = param.detach().reshape(-1)
-        picks = torch.linspace(0, max(flat.numel() - 1, 0), min(_SAMPLES_PER_TENSOR, flat.numel())).long()
-        sample = flat[picks.to(flat.device)].to("cpu").contiguous()
+        sample = flat[sample_positions(flat.numel()).to(flat.device)].to("cpu").contiguous()
         digest.update(f"{name.replace('.base_layer.', '.')}:{tuple(param.shape)}:{param.dtype};".encode())
         digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def sample_positions(size: int, count: int = _SAMPLES_PER_TENSOR) -> torch.Tensor:
+    """``count`` evenly spaced indices of ``0..size-1``, first and last included (int64 arithmetic:
+    a float linspace rounds past the end for tensors of tens of millions of elements)."""
+    count = min(count, size)
+    if count <= 1:
+        return torch.zeros(count, dtype=torch.int64)
+    return torch.arange(count, dtype=torch.int64) * (size - 1) // (count - 1)
 
 
 def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:

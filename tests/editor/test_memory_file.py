@@ -256,3 +256,12 @@ def test_an_original_checkpoint_loads_into_a_model_with_an_editor_attached(char_
     weight_name = editor.config.target_module + ".weight"
     assert torch.equal(editor.layer.base_layer.weight, other[weight_name])
     assert torch.equal(editor.layer.memory, memory)  # the memory is not part of a model checkpoint
+
+
+@pytest.mark.parametrize("size", [1, 2, 15, 16, 17, 1000, 28_311_552, 2**31 + 11])
+def test_fingerprint_samples_stay_inside_large_tensors(size):
+    from memoir.persistence import sample_positions
+
+    picks = sample_positions(size).tolist()
+    assert len(picks) == min(16, size) and picks[0] == 0 and picks[-1] == size - 1
+    assert picks == sorted(set(picks))  # distinct, increasing, all inside

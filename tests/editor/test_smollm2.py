@@ -80,7 +80,7 @@ def test_threshold_sweep_equals_scoring_everything_at_each_tau(ten_edit_report, 
         assert got == pytest.approx(want, abs=1e-12), (got, want)
 
 
-def test_withdrawing_one_of_three_zsre_edits(smollm2, zsre_records):
+def test_withdrawing_one_of_three_zsre_edits(smollm2, zsre_records, tmp_path):
     model, tokenizer = smollm2
     edits, _ = edit_records(zsre_records, 3)
     second = tokenizer([edits[1]["src"]], return_tensors="pt")
@@ -98,5 +98,13 @@ def test_withdrawing_one_of_three_zsre_edits(smollm2, zsre_records):
         rel = teacher_forced(editor, [edits[0]["src"], edits[2]["src"]], [edits[0]["alt"], edits[2]["alt"]])
         assert rel.accuracy == [1.0, 1.0]
         assert [r.status for r in editor.edits] == ["active", "withdrawn", "active"]
+        # A real model's memory saves and loads back bitwise (the fingerprint samples 28M-element tensors).
+        editor.save(tmp_path)
+        memory = editor.layer.memory.detach().clone()
+        editor.detach()
+        editor = memoir.load(model, tokenizer, tmp_path)
+        assert torch.equal(editor.layer.memory, memory) and editor.edits[1].status == "withdrawn"
+        with torch.no_grad():
+            assert torch.equal(editor(**second).logits, unedited)
     finally:
         editor.detach()
