@@ -78,6 +78,13 @@ def _print_table(report: dict) -> None:
               f"clean {report['gen_clean']:.3f}, unrelated unchanged {report['gen_loc']:.3f}")
         for example in report["generate_examples"]:
             print(f"  {example['prompt']!r}: {example['before']!r} -> {example['after']!r}")
+    if "chat_rel" in report:
+        print(f"through the chat template: Rel {report['chat_rel']:.3f}, Gen {report['chat_gen']:.3f}, "
+              f"Loc {report['chat_loc']:.3f}")
+        chat = report.get("chat") or {}
+        if chat:
+            print(f"  generate: exact {chat['gen_exact_rel']:.3f} / {chat['gen_exact_gen']:.3f}, clean "
+                  f"{chat['gen_clean']:.3f}, unrelated unchanged {chat['gen_loc']:.3f}")
     if report.get("contradicted_later"):
         print(f"Rel of the {report['contradicted_later']} edits contradicted by a later edit (same subject): "
               f"{report['rel_contradicted_later']:.3f}; of the others: {report['rel_not_contradicted']:.3f}")
@@ -121,6 +128,13 @@ def cmd_eval(args) -> int:
         from .generation_eval import generation_scores
 
         report.update(generation_scores(editor, edits))
+    if args.chat:
+        from .evaluation import chat_scores
+        from .generation_eval import generation_scores
+
+        report.update(chat_scores(editor, edits))
+        if args.generate:
+            report["chat"] = generation_scores(editor, edits, chat=True)
     if args.save_memory:
         editor.save(args.save_memory)
     _print_table(report)
@@ -245,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--key-aggregation", choices=KEY_AGGREGATIONS, default=None)
     ev.add_argument("--generate", action="store_true",
                     help="also score greedy generation: gen_exact_rel, gen_exact_gen, gen_clean, gen_loc")
+    ev.add_argument("--chat", action="store_true",
+                    help="also score every prompt sent through the chat template as a user message (routed by "
+                         "that message): chat_rel, chat_gen, chat_loc, and with --generate the gen_* keys under chat")
     ev.add_argument("--answer-end", choices=ANSWER_ENDS, default=None,
                     help="'eos': teach the end of the answer after each target; 'none': the faithful recipe")
     ev.add_argument("--rehearse", type=int, default=None, metavar="R",

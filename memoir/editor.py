@@ -512,6 +512,50 @@ class MemoirEditor:
             "gate": decision.gate.tolist(),
         }
 
+    @contextlib.contextmanager
+    def routed_as(self, prompts: Sequence[str]):
+        """Within the block, this thread's forward calls route row b as ``prompts[b]`` alone would.
+
+        For inputs whose routing key would be off: a chat-templated prompt routes by its user
+        message (the template's tokens would enter the key), e.g.
+        ``with editor.routed_as([question]): model.generate(**templated_batch)``.
+        """
+        from .tokens import batch_prompt_target
+
+        self._require_attached()
+        prompts = [_check_text(p, "prompt") for p in prompts]
+        if not self.layer.num_masks:
+            yield
+            return
+        batch = batch_prompt_target(self.tokenizer, prompts, [""] * len(prompts)).to(self.device)
+        with torch.no_grad():
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        with self._routing.fixed(self.layer.last_decision):
+            yield
+
+    def chat(self, messages: list[dict] | str, **generate_kwargs) -> str:
+        """Answer a chat (a user message, or a list of ``{"role", "content"}`` messages) through the
+        tokenizer's chat template; routing follows the last user message alone. Returns the text.
+
+        Example:
+            >>> editor.chat("What university did Watts Humphrey attend?", max_new_tokens=20)
+        """
+        self._require_attached()
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if not users or not isinstance(users[-1], str):
+            raise ValueError("chat needs at least one user message: {'role': 'user', 'content': '...'}")
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("this tokenizer has no chat template; use editor.generate with a plain prompt")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        batch = self.tokenizer([text], return_tensors="pt", add_special_tokens=False).to(self.device)
+        generate_kwargs.setdefault("max_new_tokens", 64)
+        generate_kwargs.setdefault("do_sample", False)
+        with self.routed_as([users[-1]]):
+            out = self.generate(**batch, **generate_kwargs)
+        return self.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
     # ------------------------------------------------------------------------------- persistence
     def save(self, path) -> None:
         """Write ``memoir_config.json`` and ``memoir_memory.safetensors`` to directory ``path``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from collections.abc import Sequence
@@ -14,7 +15,8 @@ from .tokens import batch_prompt_target
 from .training import EditResult
 
 __all__ = ["load_zsre", "edit_records", "edit_stream", "first_of_each_subject", "background_sentences",
-           "teacher_forced", "evaluate_sequential", "ScoredBatch", "curve_points", "later_contradictions"]
+           "teacher_forced", "evaluate_sequential", "ScoredBatch", "curve_points", "later_contradictions",
+           "chat_prompt", "chat_scores"]
 
 
 def load_zsre(path) -> list[dict]:
@@ -101,15 +103,21 @@ class ScoredBatch:
 
 
 @torch.no_grad()
-def teacher_forced(editor, prompts: list[str], answers: list[str], batch_size: int = 32) -> ScoredBatch:
-    """Score ``prompt + ' ' + answer`` with routing decided from the prompt tokens only."""
+def teacher_forced(editor, prompts: list[str], answers: list[str], batch_size: int = 32,
+                   route_prompts: list[str] | None = None) -> ScoredBatch:
+    """Score ``prompt + ' ' + answer`` with routing decided from the prompt tokens only, or, with
+    ``route_prompts``, row i routed as ``route_prompts[i]`` alone (a chat-templated prompt by its
+    user message)."""
     result = ScoredBatch([], [], [], [])
     layer = editor.layer
     for start in range(0, len(prompts), batch_size):
         batch = batch_prompt_target(editor.tokenizer, prompts[start : start + batch_size],
                                     answers[start : start + batch_size]).to(editor.device)
-        logits = editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              prompt_lengths=batch.prompt_lengths, use_cache=False).logits
+        routing = (editor.routed_as(route_prompts[start : start + batch_size]) if route_prompts is not None
+                   else contextlib.nullcontext())
+        with routing:
+            logits = editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  prompt_lengths=batch.prompt_lengths, use_cache=False).logits
         predicted = logits.argmax(dim=-1)
         for row in range(batch.input_ids.shape[0]):
             span = slice(int(batch.prompt_lengths[row]), int(batch.lengths[row]))
@@ -239,6 +247,27 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
     report["curve"] = sorted(curve, key=lambda p: p["edits"]) + [final_point]
     report["_loc_before"] = loc_before.predictions
     return report
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` as a user message through the tokenizer's chat template, ready for the answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def chat_scores(editor, records: list[dict]) -> dict:
+    """Teacher-forced Rel / Gen / Loc with every prompt sent through the chat template as a user
+    message, each routed by its user message (:meth:`MemoirEditor.routed_as`); the edits are the same."""
+    template = [lambda r, key=key: chat_prompt(editor.tokenizer, r[key]) for key in ("src", "rephrase", "loc")]
+    srcs, rephrases, locs = ([t(r) for r in records] for t in template)
+    targets, loc_answers = [r["alt"] for r in records], [r["loc_ans"] for r in records]
+    with editor._layer_mode("off"):
+        loc_before = teacher_forced(editor, locs, loc_answers).predictions
+    rel = teacher_forced(editor, srcs, targets, route_prompts=[r["src"] for r in records])
+    gen = teacher_forced(editor, rephrases, targets, route_prompts=[r["rephrase"] for r in records])
+    loc = teacher_forced(editor, locs, loc_answers, route_prompts=[r["loc"] for r in records])
+    return {"chat_rel": _mean(rel.accuracy), "chat_gen": _mean(gen.accuracy),
+            "chat_loc": _mean(_agreement(loc.predictions, loc_before))}
 
 
 def _read_curve(path: Path | None) -> list[dict]:

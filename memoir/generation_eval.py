@@ -15,6 +15,7 @@ paraphrase and unrelated prompt is continued greedily (``max_new_tokens`` = its 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,10 @@ def _target_ids(tokenizer, prompts: list[str], answers: list[str]) -> list[list[
 
 
 @torch.no_grad()
-def _greedy(editor, prompts: list[str], budgets: list[int], batch_size: int = 16) -> list[list[int]]:
-    """Greedy continuations (left-padded batches), each cut to its own token budget."""
+def _greedy(editor, prompts: list[str], budgets: list[int], route_prompts: list[str] | None = None,
+            batch_size: int = 16) -> list[list[int]]:
+    """Greedy continuations (left-padded batches), each cut to its own token budget; with
+    ``route_prompts`` row i is routed as ``route_prompts[i]`` alone."""
     tokenizer = editor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[list[int]] = []
@@ -81,9 +84,12 @@ def _greedy(editor, prompts: list[str], budgets: list[int], batch_size: int = 16
         for start in range(0, len(prompts), batch_size):
             chunk, limits = prompts[start : start + batch_size], budgets[start : start + batch_size]
             batch = tokenizer(chunk, return_tensors="pt", padding=True).to(editor.device)
-            generated = editor.model.generate(**batch, max_new_tokens=max(limits), do_sample=False, num_beams=1,
-                                              temperature=None, top_p=None, top_k=None,
-                                              pad_token_id=pad_id_of(tokenizer))
+            routing = (editor.routed_as(route_prompts[start : start + batch_size]) if route_prompts is not None
+                       else contextlib.nullcontext())
+            with routing:
+                generated = editor.model.generate(**batch, max_new_tokens=max(limits), do_sample=False, num_beams=1,
+                                                  temperature=None, top_p=None, top_k=None,
+                                                  pad_token_id=pad_id_of(tokenizer))
             new = generated[:, batch["input_ids"].shape[1]:].tolist()
             out += [row[:limit] for row, limit in zip(new, limits, strict=True)]
     finally:
@@ -96,23 +102,26 @@ def _share(flags) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
-def generation_scores(editor, records: list[dict], unedited_loc: list[list[int]] | None = None,
-                      examples: int = 5) -> dict:
+def generation_scores(editor, records: list[dict], chat: bool = False, examples: int = 5) -> dict:
     """The ``gen_*`` scores of ``records`` (ZsRE ``src``/``rephrase``/``alt``/``loc``/``loc_ans``)
-    under the editor's current memory; ``unedited_loc`` are the unedited model's continuations of
-    the ``loc`` prompts (computed here with the memory off when not given)."""
+    under the editor's current memory. With ``chat`` every prompt goes through the chat template
+    as a user message and is routed by that message (:meth:`MemoirEditor.routed_as`)."""
+    from .evaluation import chat_prompt
+
     tokenizer, model = editor.tokenizer, editor.model
     end_ids = end_token_ids(model, tokenizer)
-    srcs, rephrases, targets = [r["src"] for r in records], [r["rephrase"] for r in records], [r["alt"] for r in records]
-    locs = [r["loc"] for r in records]
+    raw = {key: [r[key] for r in records] for key in ("src", "rephrase", "loc")}
+    shown = {key: [chat_prompt(tokenizer, p) for p in texts] if chat else texts for key, texts in raw.items()}
+    routes = raw if chat else {key: None for key in raw}
+    srcs, rephrases, locs = shown["src"], shown["rephrase"], shown["loc"]
+    targets = [r["alt"] for r in records]
     rel_ids, gen_ids = _target_ids(tokenizer, srcs, targets), _target_ids(tokenizer, rephrases, targets)
     loc_budgets = [len(ids) + AFTER_TARGET for ids in _target_ids(tokenizer, locs, [r["loc_ans"] for r in records])]
-    if unedited_loc is None:
-        with editor._layer_mode("off"):
-            unedited_loc = _greedy(editor, locs, loc_budgets)
-    rel_out = _greedy(editor, srcs, [len(ids) + AFTER_TARGET for ids in rel_ids])
-    gen_out = _greedy(editor, rephrases, [len(ids) + AFTER_TARGET for ids in gen_ids])
-    loc_out = _greedy(editor, locs, loc_budgets)
+    with editor._layer_mode("off"):
+        unedited_loc = _greedy(editor, locs, loc_budgets)
+    rel_out = _greedy(editor, srcs, [len(ids) + AFTER_TARGET for ids in rel_ids], routes["src"])
+    gen_out = _greedy(editor, rephrases, [len(ids) + AFTER_TARGET for ids in gen_ids], routes["rephrase"])
+    loc_out = _greedy(editor, locs, loc_budgets, routes["loc"])
 
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=False)
@@ -130,7 +139,7 @@ def generation_scores(editor, records: list[dict], unedited_loc: list[list[int]]
         "generate_examples": [
             {"prompt": p, "target": t, "before": tokenizer.decode(b, skip_special_tokens=True),
              "after": tokenizer.decode(a, skip_special_tokens=True)}
-            for p, t, b, a in zip(srcs[:examples], targets[:examples], before, rel_out[:examples], strict=False)],
+            for p, t, b, a in zip(raw["src"][:examples], targets[:examples], before, rel_out[:examples], strict=False)],
         "per_record_generate": {"rel_exact": [c.exact for c in rel], "rel_clean": [c.clean for c in rel],
                                 "gen_exact": [c.exact for c in gen], "gen_clean": [c.clean for c in gen]},
     }

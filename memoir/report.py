@@ -65,10 +65,20 @@ def _avg(*values) -> float:
 
 
 def _generation_section(report: dict) -> list[str]:
-    """Greedy generation after the edits (``eval --generate``): the four shares and a few examples."""
+    """Greedy generation after the edits (``eval --generate``): the four shares and a few examples;
+    the chat-template scores (``--chat``) when present."""
+    lines = []
+    if "chat_rel" in report:
+        chat = report.get("chat") or {}
+        lines += ["## Through the chat template (routed by the user message)", "", "| Score | Value |", "|---|---:|",
+                  f"| Rel (teacher-forced) | {_fmt(report['chat_rel'])} |", f"| Gen | {_fmt(report['chat_gen'])} |",
+                  f"| Loc | {_fmt(report['chat_loc'])} |"]
+        lines += [f"| {name} | {_fmt(chat[name])} |" for name in ("gen_exact_rel", "gen_exact_gen", "gen_clean",
+                                                                   "gen_loc") if name in chat]
+        lines.append("")
     if "gen_exact_rel" not in report:
-        return []
-    lines = ["## Generation (greedy, target + 10 tokens)", "", "| Share | Value |", "|---|---:|",
+        return lines
+    lines += ["## Generation (greedy, target + 10 tokens)", "", "| Share | Value |", "|---|---:|",
              f"| continuation begins with the target, edited prompts | {_fmt(report['gen_exact_rel'])} |",
              f"| the same, paraphrases | {_fmt(report['gen_exact_gen'])} |",
              f"| of those, the answer ends cleanly | {_fmt(report['gen_clean'])} |",

@@ -13,6 +13,7 @@ the layer either the prompt window of the input or a decision to reuse:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -77,6 +78,7 @@ class _ThreadRouting(threading.local):
         self.input_ids: torch.Tensor | None = None
         self.pending: CallContext | None = None
         self.pending_ids: torch.Tensor | None = None
+        self.forced: RouteDecision | None = None
 
 
 class RoutingState:
@@ -102,10 +104,24 @@ class RoutingState:
         """Forget every thread's last decision (a new bank, a new memory)."""
         self._generation += 1
 
+    @contextlib.contextmanager
+    def fixed(self, decision: RouteDecision):
+        """Within the block, every forward call of this thread uses ``decision`` (one per row)."""
+        mine = self._mine()
+        previous, mine.forced = mine.forced, decision
+        try:
+            yield
+        finally:
+            self._mine().forced = previous
+
     def plan(self, input_ids, attention_mask, past_length: int, prompt_lengths, batch: int, seq_len: int,
              device) -> CallContext:
         """The context for this call (see module docstring); ``past_length`` from :func:`cached_length`."""
         mine = self._mine()
+        if mine.forced is not None:
+            if mine.forced.batch != batch:
+                raise ValueError(f"the routing was fixed for {mine.forced.batch} sequences, this call has {batch}")
+            return CallContext(reuse=mine.forced)
         reusable = mine.decision is not None and mine.decision.batch == batch
         if reusable and past_length > 0:
             return CallContext(reuse=mine.decision)

@@ -73,3 +73,37 @@ def test_generation_scores_on_a_tiny_model(char_tokenizer):
     assert scores["gen_clean"] == 1.0
     assert scores["gen_loc"] == 1.0
     assert [e["after"].strip() for e in scores["generate_examples"]] == [t for _, t in EDITS]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def test_a_chat_templated_prompt_routes_to_its_edit_by_its_user_message(char_tokenizer):
+    from memoir.evaluation import chat_prompt, chat_scores
+
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    editor = memoir.attach(model, char_tokenizer, tiny_config(answer_end="eos"))
+    editor.fit_background(UNRELATED)
+    for prompt, target in EDITS:
+        editor.edit(prompt, target)
+    old_template, char_tokenizer.chat_template = char_tokenizer.chat_template, CHAT_TEMPLATE
+    try:
+        templated = chat_prompt(char_tokenizer, EDITS[0][0])
+        assert templated.startswith("<s>user: Alice lives in</s>")
+        with editor.routed_as([EDITS[0][0], UNRELATED[0]]):
+            batch = char_tokenizer([templated, chat_prompt(char_tokenizer, UNRELATED[0])], return_tensors="pt",
+                                   padding=True)
+            with torch.no_grad():
+                editor(**batch)
+            decision = editor.layer.last_decision
+        assert decision.gate.tolist() == [True, False] and int(decision.index[0]) == 0
+        answer = editor.chat(EDITS[0][0], max_new_tokens=12)
+        assert isinstance(answer, str)
+        records = [{"src": p, "rephrase": p, "alt": t, "loc": u, "loc_ans": "x"}
+                   for (p, t), u in zip(EDITS, UNRELATED, strict=True)]
+        scores = chat_scores(editor, records)
+        assert scores["chat_loc"] == 1.0  # unrelated prompts: not routed, the original model
+        assert 0.0 <= scores["chat_rel"] <= 1.0
+    finally:
+        char_tokenizer.chat_template = old_template
