@@ -585,8 +585,8 @@ def apply_memoir_to_model(model, tok, requests: list[dict], hparams: MEMOIRHyper
     if (hparams.dir_background_features is None and hparams.prompt_feature_agg == "mean_decentered"
             and not hparams.RUN_SAVE_BACKGROUND_FEATURES
             and not isinstance(getattr(model, "_memoir_editor", None), MemoirEditor)):
-        warnings.warn("MEMOIR: dir_background_features is not set; the background mean falls back to the "
-                      "context prefixes (see memoir.easyedit.compute_background_features)", stacklevel=2)
+        warnings.warn("MEMOIR: dir_background_features is not set; the background mean comes from memoir's "
+                      "bundled generic sentences (see memoir.easyedit.compute_background_features)", stacklevel=2)
     editor = MEMOIR(hparams, model, tokenizer=tok)
     if hparams.RUN_SAVE_BACKGROUND_FEATURES:
         editor.save_background(requests)
@@ -594,9 +594,7 @@ def apply_memoir_to_model(model, tok, requests: list[dict], hparams: MEMOIRHyper
         for request in requests:
             LOG.info("MEMOIR edit: [%s] -> [%s]", request["prompt"], request["target_new"])
         tokens = tokenize(requests, tok, hparams)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="MEMOIR: no background mean was fitted")
-            editor.edit(config=hparams, tokens=tokens, requests=requests)
+        editor.edit(config=hparams, tokens=tokens, requests=requests)
     return editor, _Restore(editor)
 
 

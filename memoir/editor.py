@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .architectures import Architecture, architecture_of, get_submodule, resolve_config
+from .background import GENERIC_SENTENCES
 from .checkpoint import resume_stream, terminate_as_interrupt, write_checkpoint
 from .concurrency import ReadWriteGate
 from .config import MemoirConfig
@@ -32,7 +33,10 @@ from .training import (
     optimise_edit,
 )
 
-__all__ = ["MemoirEditor", "attach", "validate_request", "summarise"]
+__all__ = ["MemoirEditor", "attach", "validate_request", "summarise", "MIN_BACKGROUND"]
+
+# Fewer irrelevant sentences than this among edit_many's requests: use the bundled background.
+MIN_BACKGROUND = 20
 
 
 def attach(model: nn.Module, tokenizer, config: MemoirConfig | None = None) -> MemoirEditor:
@@ -300,9 +304,9 @@ class MemoirEditor:
         prompt, target = _check_text(prompt, "prompt"), _check_text(target, "target")
         prefixes = self.ensure_context_prefixes()
         if not self.layer.has_background and self.config.key_aggregation == "mean_decentered":
-            warnings.warn("MEMOIR: no background mean was fitted; using the context prefixes "
-                          "(call fit_background with irrelevant sentences for better routing)", stacklevel=2)
-            self.fit_background(prefixes)
+            # No background given: the bundled generic questions and statements (memoir.background),
+            # which keep unrelated prompts under tau where the context prefixes did not.
+            self.fit_background(GENERIC_SENTENCES[: self.config.num_background])
         self._check_length(prompt, target, prefixes)
         start = time.perf_counter()
         saved = self.layer.memory.detach().clone()
@@ -447,7 +451,9 @@ class MemoirEditor:
             done, results = resume_stream(self, checkpoint_dir, pairs) if checkpoint_dir is not None else (0, [])
         if not self.layer.has_background and self.config.key_aggregation == "mean_decentered":
             texts = list(background) if background is not None else _irrelevant_sentences(requests)
-            if texts:
+            # A handful of the requests' unrelated prompts is a poor mean: below MIN_BACKGROUND of
+            # them, the first edit fits the bundled background instead.
+            if texts and (background is not None or len(texts) >= MIN_BACKGROUND):
                 self.fit_background(texts[: self.config.num_background])
         from tqdm.auto import tqdm
 

@@ -202,13 +202,28 @@ def test_empty_memory_is_the_original_model_and_generate_works(tiny):
     editor = MEMOIR(tiny_hparams(), model, tokenizer=tok)
     with torch.no_grad():
         assert torch.equal(editor(**batch, last_prompt_token_loc_inference=[2, 2, 2]).logits, before)
-    with pytest.warns(UserWarning, match="no background mean was fitted"):
-        editor.edit(tiny_hparams(), requests=_requests()[:1])
+    inner = editor.memoir_editor
+    inner.fit_background(inner.ensure_context_prefixes())  # this char-level tiny model trains well with it
+    editor.edit(tiny_hparams(), requests=_requests()[:1])
     one = tok([EDITS[0][0]], return_tensors="pt")
     out = editor.generate(**one, max_new_tokens=len(EDITS[0][1]) + 1, do_sample=False,
                           last_prompt_token_loc_inference=[one["input_ids"].shape[1] - 1])
     assert tok.decode(out[0, one["input_ids"].shape[1]:]).strip().startswith(EDITS[0][1])
     editor.reset_layer()
+
+
+def test_no_background_file_takes_mu_from_the_bundled_sentences(tiny):
+    from memoir.background import GENERIC_SENTENCES
+
+    model, tok = tiny
+    editor = MEMOIR(tiny_hparams(n_iter=1), model, tokenizer=tok)
+    try:
+        editor.edit(tiny_hparams(n_iter=1), requests=_requests()[:1])
+        layer = editor.memoir_editor.layer
+        bundled = editor.memoir_editor.collect_keys(list(GENERIC_SENTENCES[: tiny_hparams().num_background]))
+        assert layer.has_background and torch.equal(layer.background_mean, bundled.mean(dim=0))
+    finally:
+        editor.reset_layer()
 
 
 def test_edit_from_reference_tokens(tiny):
