@@ -9,9 +9,8 @@ Example:
 """
 
 from .config import MemoirConfig
-from .editor import MemoirEditor, attach
+from .editor import MemoirEditor, attach, load
 from .layer import MemoirLayer
-from .persistence import load
 from .registry import EditRecord
 from .training import EditResult, NonFiniteEditError
 

@@ -93,7 +93,7 @@ def _print_table(report: dict) -> None:
 def cmd_eval(args) -> int:
     import torch
 
-    from .editor import attach
+    from .editor import attach, load
     from .evaluation import (
         background_sentences,
         curve_points,
@@ -102,7 +102,6 @@ def cmd_eval(args) -> int:
         load_zsre,
         sweep_thresholds,
     )
-    from .persistence import load
 
     torch.manual_seed(0)
     records = load_zsre(args.data)

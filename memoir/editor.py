@@ -33,7 +33,7 @@ from .training import (
     optimise_edit,
 )
 
-__all__ = ["MemoirEditor", "attach", "validate_request", "summarise", "MIN_BACKGROUND"]
+__all__ = ["MemoirEditor", "attach", "load", "validate_request", "summarise", "MIN_BACKGROUND"]
 
 # Fewer irrelevant sentences than this among edit_many's requests: use the bundled background.
 MIN_BACKGROUND = 20
@@ -53,6 +53,28 @@ def attach(model: nn.Module, tokenizer, config: MemoirConfig | None = None) -> M
         >>> editor.detach()  # the original module is back, bit for bit
     """
     return MemoirEditor(model, tokenizer, config)
+
+
+def load(model: nn.Module, tokenizer, path) -> MemoirEditor:
+    """Attach the memory saved at ``path`` to ``model`` and return its editor.
+
+    The file is verified first (checksum, structure, the model's fingerprint: see
+    :mod:`memoir.persistence`); on any failure (``FileNotFoundError``, ``ValueError``) the model is
+    left exactly as it was.
+
+    Example:
+        >>> editor = memoir.load(model, tokenizer, "my_memory/")
+    """
+    from .persistence import attach_memory, read_memory
+
+    config, metadata, tensors = read_memory(path)
+    editor = MemoirEditor(model, tokenizer, config)
+    try:
+        attach_memory(editor, metadata, tensors)
+    except BaseException:
+        editor.detach()
+        raise
+    return editor
 
 
 def validate_request(request, index: int | None = None) -> tuple[str, str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["save_editor", "load", "restore_into", "read_metadata", "read_registry", "write_registry",
+__all__ = ["save_editor", "read_memory", "attach_memory", "restore_into", "read_metadata", "read_registry", "write_registry",
            "atomic_write_text", "layer_fingerprint", "model_fingerprint", "MEMORY_FILE", "CONFIG_FILE",
            "MEMORY_FORMAT_VERSION"]
 
@@ -357,27 +357,19 @@ def restore_into(editor, path) -> None:
     _restore(editor, metadata, tensors)
 
 
-def load(model: nn.Module, tokenizer, path):
-    """Attach the memory saved at ``path`` to ``model`` and return its editor.
+def read_memory(path):
+    """``(config, metadata, tensors)`` of the memory saved at ``path``, read and checksum-verified
+    (the structure is checked against a layer by :func:`attach_memory`)."""
+    return _read(Path(path))
 
-    Raises ``FileNotFoundError`` / ``ValueError`` (wrong model, corrupted file) before changing the
-    model: on any failure the model is left as it was.
 
-    Example:
-        >>> editor = memoir.load(model, tokenizer, "my_memory/")
+def attach_memory(editor, metadata: dict, tensors: dict) -> None:
+    """Check a read memory against ``editor``'s layer and model, then put it into the editor.
+
+    Raises before changing anything when a check fails (see the module docstring).
     """
-    from .editor import MemoirEditor
-
-    path = Path(path)
-    config, metadata, tensors = _read(path)
-    editor = MemoirEditor(model, tokenizer, config)
-    try:
-        _validate(config, metadata, tensors, editor.layer, model)
-        _restore(editor, metadata, tensors)
-    except BaseException:
-        editor.detach()
-        raise
-    return editor
+    _validate(editor.config, metadata, tensors, editor.layer, editor.model)
+    _restore(editor, metadata, tensors)
 
 
 @torch.no_grad()
