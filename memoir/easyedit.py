@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .config import KEY_AGGREGATIONS, MemoirConfig
-from .editor import MemoirEditor, attach
+from .editor import MemoirEditor, attach, validate_request
 from .routing import cached_length
 
 __all__ = [
@@ -333,20 +333,10 @@ def _templated(tok, prompt: str, hparams: MEMOIRHyperParams | None) -> str:
 
 
 def _request_pair(request, index: int) -> tuple[str, str]:
-    if not isinstance(request, dict):
-        raise TypeError(f"request {index} must be a dict with 'prompt' and 'target_new', got {type(request).__name__}")
-    for key in ("prompt", "target_new"):
-        if key not in request:
-            raise ValueError(f"request {index} has no {key!r} (keys: {sorted(request)})")
-        value = request[key]
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"request {index}: {key!r} must be a non-empty string, got {value!r}")
-    prompt, target = request["prompt"], request["target_new"]
-    prompt = prompt[0] if isinstance(prompt, list) else prompt
-    target = target[0] if isinstance(target, list) else target
-    return prompt, target
+    """``(prompt, target_new)`` of an EasyEdit request; its one-element lists are unwrapped."""
+    if isinstance(request, dict):
+        request = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in request.items()}
+    return validate_request(request, index)
 
 
 def _pairs_from_tokens(tok, tokens: dict) -> list[tuple[str, str]]:
@@ -438,11 +428,7 @@ class MEMOIR:
         self._set_background(features[: config.num_background])
 
     def _set_background(self, features: torch.Tensor) -> None:
-        layer = self.editor.layer
-        if layer.num_masks:
-            raise RuntimeError("the background mean must be set before the first edit")
-        layer.background_mean = features.to(layer.background_mean).mean(dim=0)
-        layer.has_background = True
+        self.editor.set_background_keys(features.to(self.editor.device))
 
     def _check_compatible(self, config: MEMOIRHyperParams) -> None:
         """Same memory (module, k, key rule) as the attached one; tau, n_iter, lr, wd may change."""

@@ -84,7 +84,8 @@ def validate_request(request, index: int | None = None) -> tuple[str, str]:
         raise TypeError(f"an edit request is a dict with 'prompt' and 'target'{where}, got {type(request).__name__}")
     target_key = "target" if "target" in request else "target_new"
     if "prompt" not in request or target_key not in request:
-        raise ValueError(f"an edit request needs 'prompt' and 'target'{where}; got keys {sorted(request)}")
+        raise ValueError(f"an edit request needs 'prompt' and 'target' (or EasyEdit's 'target_new'){where}; "
+                         f"got keys {sorted(request)}")
     return _check_text(request["prompt"], "prompt" + where), _check_text(request[target_key], "target" + where)
 
 
@@ -276,12 +277,24 @@ class MemoirEditor:
         if not texts:
             raise ValueError("fit_background needs at least one text")
         with self._gate.write():
-            if self.layer.num_masks:
-                raise RuntimeError("the background mean must be set before the first edit (stored masks depend on it)")
-            keys = self._collect_keys(texts, batch_size)
+            self._require_no_masks()
+            return self.set_background_keys(self._collect_keys(texts, batch_size))
+
+    def set_background_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Set mu to the mean of precomputed background keys ``[N, D]`` (e.g. a features file);
+        like :meth:`fit_background`, only before the first edit. Returns mu ``[D]``."""
+        self._require_attached()
+        if keys.dim() != 2 or keys.shape[1] != self.layer.in_features or not keys.shape[0]:
+            raise ValueError(f"background keys must be [N >= 1, {self.layer.in_features}], got {tuple(keys.shape)}")
+        with self._gate.write():
+            self._require_no_masks()
             self.layer.background_mean = keys.mean(dim=0).to(self.layer.background_mean)
             self.layer.has_background = True
             return self.layer.background_mean
+
+    def _require_no_masks(self) -> None:
+        if self.layer.num_masks:
+            raise RuntimeError("the background mean must be set before the first edit (stored masks depend on it)")
 
     @torch.no_grad()
     def collect_keys(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .config import MemoirConfig
 from .head_loss import linear_cross_entropy, loss_dtype, row_mean_weights
 from .layer import CallContext, MemoirLayer
-from .tokens import TokenBatch, batch_prompt_target
+from .tokens import TokenBatch, batch_prompt_target, pad_id_of
 
 __all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "edit_prompts", "build_edit_batch", "answer_end_id", "optimise_edit", "BlockStack",
            "Rehearsal", "NonFiniteEditError"]
@@ -77,7 +77,7 @@ def generate_context_prefixes(model: nn.Module, tokenizer, config: MemoirConfig)
                 encoded = tokenizer(seed, return_tensors="pt").to(device)
                 output = model.generate(
                     **encoded, max_new_tokens=length, do_sample=False, num_beams=1, temperature=None, top_p=None,
-                    top_k=None, pad_token_id=_pad_for_generate(tokenizer),
+                    top_k=None, pad_token_id=pad_id_of(tokenizer),
                 )
                 prefixes.append(tokenizer.decode(output[0], skip_special_tokens=True))
     return prefixes
@@ -116,11 +116,6 @@ def cached_context_prefixes(model: nn.Module, tokenizer, config: MemoirConfig, l
     except OSError:
         pass  # a read-only cache only costs a regeneration next time
     return prefixes
-
-
-def _pad_for_generate(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pad if pad is not None else 0
 
 
 def edit_prompts(prompt: str, prefixes: list[str]) -> list[str]:

@@ -248,7 +248,7 @@ def test_bad_inputs_raise_clearly(tiny):
     hparams = tiny_hparams(n_iter=2)
     with pytest.raises(ValueError, match="'target_new'"):
         apply_memoir_to_model(model, tok, [{"prompt": "Hi"}], hparams)
-    with pytest.raises(ValueError, match="non-empty string"):
+    with pytest.raises(ValueError, match="must not be empty"):
         apply_memoir_to_model(model, tok, [{"prompt": "Hi", "target_new": " "}], hparams)
     with pytest.raises(TypeError, match="MEMOIRHyperParams"):
         apply_memoir_to_model(model, tok, _requests(), {"alg_name": "MEMOIR"})
