@@ -114,7 +114,8 @@ def cmd_eval(args) -> int:
                                                                                        _config_from_args(args))
     if args.load_memory and args.irr_threshold is not None:
         editor.layer.irr_threshold = editor.config.irr_threshold = args.irr_threshold
-    report = evaluate_sequential(editor, edits, background_sentences(loc_records, editor.config.num_background),
+    background = [] if args.no_background else background_sentences(loc_records, editor.config.num_background)
+    report = evaluate_sequential(editor, edits, background,
                                  progress=not args.quiet, apply_edits=not args.load_memory,
                                  points=curve_points(len(edits), args.curve_points),
                                  checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every)
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rehearse-min-overlap", type=float, default=None, metavar="RATIO")
     ev.add_argument("--rehearse-weight", type=float, default=None)
     ev.add_argument("--rehearse-prefixes", action="store_true", help="rehearse with the context-prefix rows too")
+    ev.add_argument("--no-background", action="store_true",
+                    help="give no background sentences: mu comes from the bundled set, as for a user who gives none")
     ev.add_argument("--num-background", type=int, default=None,
                     help="irrelevant sentences averaged into the background mean mu (preset: 100)")
     ev.add_argument("--dtype", choices=_MODEL_DTYPES, default=None,

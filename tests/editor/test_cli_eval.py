@@ -98,3 +98,19 @@ def test_saved_eval_memory_carries_the_registry_and_rehearsal_counts(tmp_path, s
     assert [r.rehearsed for r in registry] == report["per_record"]["rehearsed"] == [0, 1, 2]
     assert report["config"]["rehearse"] == 2 and report["mean_rehearsed"] == 1.0
     assert [r.final_loss for r in registry] == report["per_record"]["final_loss"]
+
+
+def test_no_background_takes_mu_from_the_bundled_sentences(tmp_path, saved_model, char_tokenizer):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from memoir import MemoirConfig, attach
+    from memoir.background import GENERIC_SENTENCES
+    from memoir.persistence import MEMORY_FILE
+
+    memory = tmp_path / "memory"
+    run_eval(tmp_path, saved_model, "--no-background", "--save-memory", str(memory))
+    stored_mu = load_file(memory / MEMORY_FILE)["background_mean"]
+    editor = attach(AutoModelForCausalLM.from_pretrained(saved_model), char_tokenizer,
+                    MemoirConfig(top_k=40, irr_threshold=0.75))
+    assert torch.equal(stored_mu, editor.collect_keys(list(GENERIC_SENTENCES)).mean(dim=0))
