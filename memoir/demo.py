@@ -9,7 +9,7 @@ import torch
 __all__ = ["run_demo"]
 
 
-def _answer(editor, prompt: str, max_new_tokens: int = 8) -> str:
+def _answer(editor, prompt: str, max_new_tokens: int = 16) -> str:
     encoded = editor.tokenizer(prompt, return_tensors="pt").to(editor.device)
     with torch.no_grad():
         output = editor.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
@@ -18,8 +18,16 @@ def _answer(editor, prompt: str, max_new_tokens: int = 8) -> str:
     return " ".join(text.split())
 
 
-def _show(editor, rows: list[tuple[str, str]]) -> list[str]:
-    return [_answer(editor, prompt) for _, prompt in rows]
+def _chat_answer(editor, prompt: str, max_new_tokens: int = 24) -> str:
+    with torch.no_grad():
+        text = editor.chat(prompt, max_new_tokens=max_new_tokens, temperature=None, top_p=None, top_k=None)
+    return " ".join(text.split())
+
+
+def _show(editor, rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each prompt's greedy answer, raw and through the chat template (routed by the user message)."""
+    chat = getattr(editor.tokenizer, "chat_template", None) is not None
+    return [(_answer(editor, prompt), _chat_answer(editor, prompt) if chat else "") for _, prompt in rows]
 
 
 def run_demo(data_path: str, num_edits: int = 4) -> int:
@@ -51,9 +59,13 @@ def run_demo(data_path: str, num_edits: int = 4) -> int:
               f"({results[i].iterations} steps, loss {results[i].final_loss:.3f})")
         for j in range(3):
             kind, prompt = rows[3 * i + j]
+            (raw_before, chat_before), (raw_after, chat_after) = before[3 * i + j], after[3 * i + j]
             print(f"  [{kind:<10}] {prompt}")
-            print(f"       before: {before[3 * i + j]!r}")
-            print(f"       after : {after[3 * i + j]!r}")
+            print(f"       before: {raw_before!r}")
+            print(f"       after : {raw_after!r}")
+            if chat_before or chat_after:
+                print(f"       chat before: {chat_before!r}")
+                print(f"       chat after : {chat_after!r}")
 
     prompts, targets = [r["src"] for r in edits], [r["alt"] for r in edits]
     rel = teacher_forced(editor, prompts, targets)
