@@ -177,9 +177,10 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
     locs = [r["loc"] for r in records]
     loc_answers = [r["loc_ans"] for r in records]
 
-    pre_rel = teacher_forced(editor, prompts, targets)
-    pre_gen = teacher_forced(editor, rephrases, targets)
-    loc_before = teacher_forced(editor, locs, loc_answers)
+    with editor._layer_mode("off"):  # the unedited model, whatever the memory holds already
+        pre_rel = teacher_forced(editor, prompts, targets)
+        pre_gen = teacher_forced(editor, rephrases, targets)
+        loc_before = teacher_forced(editor, locs, loc_answers)
 
     if apply_edits:
         if background and not editor.layer.has_background:
@@ -198,13 +199,8 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
 
         results = editor.edit_many(requests, progress=progress, checkpoint_dir=checkpoint_dir,
                                    checkpoint_every=checkpoint_every, on_edit=score_point)
-    else:  # a loaded memory holding these edits: score it as it is
-        with editor._layer_mode("off"):
-            pre_rel = teacher_forced(editor, prompts, targets)
-            pre_gen = teacher_forced(editor, rephrases, targets)
-            loc_before = teacher_forced(editor, locs, loc_answers)
-        own = teacher_forced(editor, prompts, targets)
-        results = [EditResult(p, t, [], row) for p, t, row in zip(prompts, targets, own.index, strict=True)]
+    else:  # a loaded memory holding these edits: score it as it is; each edit's row from its registry
+        results = [EditResult(p, t, [], _registered_row(editor, p, t)) for p, t in zip(prompts, targets, strict=True)]
         curve = []
 
     rel = teacher_forced(editor, prompts, targets)
@@ -268,6 +264,12 @@ def chat_scores(editor, records: list[dict]) -> dict:
     loc = teacher_forced(editor, locs, loc_answers, route_prompts=[r["loc"] for r in records])
     return {"chat_rel": _mean(rel.accuracy), "chat_gen": _mean(gen.accuracy),
             "chat_loc": _mean(_agreement(loc.predictions, loc_before))}
+
+
+def _registered_row(editor, prompt: str, target: str) -> int:
+    """The bank row of the active edit of ``prompt`` to ``target`` in the registry (-1 if none)."""
+    rows = [r.mask_row for r in editor.find(prompt) if r.target == target]
+    return rows[-1] if rows else -1
 
 
 def _read_curve(path: Path | None) -> list[dict]:

@@ -114,3 +114,12 @@ def test_no_background_takes_mu_from_the_bundled_sentences(tmp_path, saved_model
     editor = attach(AutoModelForCausalLM.from_pretrained(saved_model), char_tokenizer,
                     MemoirConfig(top_k=40, irr_threshold=0.75))
     assert torch.equal(stored_mu, editor.collect_keys(list(GENERIC_SENTENCES)).mean(dim=0))
+
+
+def test_a_loaded_memory_scores_as_it_did_when_made(tmp_path, saved_model):
+    memory = tmp_path / "memory"
+    made = run_eval(tmp_path, saved_model, "--save-memory", str(memory))
+    loaded = run_eval(tmp_path, saved_model, "--load-memory", str(memory))
+    for key in ("rel", "gen", "loc", "pre_rel", "pre_gen", "edit_routed_to_own_mask"):
+        assert loaded[key] == made[key], key
+    assert loaded["per_record"]["rel"] == made["per_record"]["rel"]
