@@ -125,7 +125,8 @@ def summary_markdown(report: dict, images: dict[str, str] | None = None) -> str:
                 f"lr {config['lr']}" if config.get("lr") is not None else None,
                 f"weight decay {config['weight_decay']} ({config.get('decay_scope', 'all')})"
                 if config.get("weight_decay") is not None else None,
-                _rehearsal_setting(config)]
+                _rehearsal_setting(config),
+                "the end of the answer taught (EOS after each target)" if config.get("answer_end") == "eos" else None]
     settings = [s for s in settings if s]
     if settings:
         lines += ["Settings: " + ", ".join(settings) + ".", ""]
