@@ -104,15 +104,15 @@ class ScoredBatch:
 
 @torch.no_grad()
 def teacher_forced(editor, prompts: list[str], answers: list[str], batch_size: int = 32,
-                   route_prompts: list[str] | None = None) -> ScoredBatch:
+                   route_prompts: list[str] | None = None, separator: str = " ") -> ScoredBatch:
     """Score ``prompt + ' ' + answer`` with routing decided from the prompt tokens only, or, with
     ``route_prompts``, row i routed as ``route_prompts[i]`` alone (a chat-templated prompt by its
-    user message)."""
+    user message, whose answer follows the template with ``separator=""``)."""
     result = ScoredBatch([], [], [], [])
     layer = editor.layer
     for start in range(0, len(prompts), batch_size):
         batch = batch_prompt_target(editor.tokenizer, prompts[start : start + batch_size],
-                                    answers[start : start + batch_size]).to(editor.device)
+                                    answers[start : start + batch_size], separator=separator).to(editor.device)
         routing = (editor.routed_as(route_prompts[start : start + batch_size]) if route_prompts is not None
                    else contextlib.nullcontext())
         with routing:
@@ -257,11 +257,12 @@ def chat_scores(editor, records: list[dict]) -> dict:
     template = [lambda r, key=key: chat_prompt(editor.tokenizer, r[key]) for key in ("src", "rephrase", "loc")]
     srcs, rephrases, locs = ([t(r) for r in records] for t in template)
     targets, loc_answers = [r["alt"] for r in records], [r["loc_ans"] for r in records]
+    # The assistant's answer starts its turn right after the template's header: no space before it.
     with editor._layer_mode("off"):
-        loc_before = teacher_forced(editor, locs, loc_answers).predictions
-    rel = teacher_forced(editor, srcs, targets, route_prompts=[r["src"] for r in records])
-    gen = teacher_forced(editor, rephrases, targets, route_prompts=[r["rephrase"] for r in records])
-    loc = teacher_forced(editor, locs, loc_answers, route_prompts=[r["loc"] for r in records])
+        loc_before = teacher_forced(editor, locs, loc_answers, separator="").predictions
+    rel = teacher_forced(editor, srcs, targets, route_prompts=[r["src"] for r in records], separator="")
+    gen = teacher_forced(editor, rephrases, targets, route_prompts=[r["rephrase"] for r in records], separator="")
+    loc = teacher_forced(editor, locs, loc_answers, route_prompts=[r["loc"] for r in records], separator="")
     return {"chat_rel": _mean(rel.accuracy), "chat_gen": _mean(gen.accuracy),
             "chat_loc": _mean(_agreement(loc.predictions, loc_before))}
 

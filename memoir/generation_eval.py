@@ -66,8 +66,8 @@ def classify_continuation(tokens: list[int], target: list[int], end_ids: set[int
     return Continuation(True, False)
 
 
-def _target_ids(tokenizer, prompts: list[str], answers: list[str]) -> list[list[int]]:
-    batch = batch_prompt_target(tokenizer, prompts, answers)
+def _target_ids(tokenizer, prompts: list[str], answers: list[str], separator: str = " ") -> list[list[int]]:
+    batch = batch_prompt_target(tokenizer, prompts, answers, separator=separator)
     return [batch.input_ids[i, int(batch.prompt_lengths[i]) : int(batch.lengths[i])].tolist()
             for i in range(len(prompts))]
 
@@ -115,8 +115,10 @@ def generation_scores(editor, records: list[dict], chat: bool = False, examples:
     routes = raw if chat else {key: None for key in raw}
     srcs, rephrases, locs = shown["src"], shown["rephrase"], shown["loc"]
     targets = [r["alt"] for r in records]
-    rel_ids, gen_ids = _target_ids(tokenizer, srcs, targets), _target_ids(tokenizer, rephrases, targets)
-    loc_budgets = [len(ids) + AFTER_TARGET for ids in _target_ids(tokenizer, locs, [r["loc_ans"] for r in records])]
+    gap = "" if chat else " "  # an assistant turn starts right after the template's header
+    rel_ids, gen_ids = _target_ids(tokenizer, srcs, targets, gap), _target_ids(tokenizer, rephrases, targets, gap)
+    loc_budgets = [len(ids) + AFTER_TARGET
+                   for ids in _target_ids(tokenizer, locs, [r["loc_ans"] for r in records], gap)]
     with editor._layer_mode("off"):
         unedited_loc = _greedy(editor, locs, loc_budgets)
     rel_out = _greedy(editor, srcs, [len(ids) + AFTER_TARGET for ids in rel_ids], routes["src"])

@@ -49,8 +49,12 @@ class TokenBatch:
         return positions < self.prompt_lengths[:, None]
 
 
-def batch_prompt_target(tokenizer, prompts: list[str], targets: list[str], end_id: int | None = None) -> TokenBatch:
-    """Tokenise ``prompt + ' ' + target`` rows (right padding); targets may be empty strings.
+def batch_prompt_target(tokenizer, prompts: list[str], targets: list[str], end_id: int | None = None,
+                        separator: str = " ") -> TokenBatch:
+    """Tokenise ``prompt + separator + target`` rows (right padding); targets may be empty strings.
+
+    ``separator`` is ``" "`` for a plain prompt (the protocol's ``prompt + ' ' + target``) and
+    ``""`` after a chat template's assistant header, where the answer starts the turn.
 
     The prompt length of a row is the token count of the prompt alone; if the tokenizer merges
     across the boundary, the full sequence is rebuilt from the two halves so the boundary holds.
@@ -61,9 +65,9 @@ def batch_prompt_target(tokenizer, prompts: list[str], targets: list[str], end_i
     rows, prompt_lengths = [], []
     for prompt, target in zip(prompts, targets, strict=True):
         prompt_ids = encode(tokenizer, prompt)
-        full_ids = encode(tokenizer, f"{prompt} {target}") if target else prompt_ids
+        full_ids = encode(tokenizer, f"{prompt}{separator}{target}") if target else prompt_ids
         if full_ids[: len(prompt_ids)] != prompt_ids:
-            target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+            target_ids = tokenizer(separator + target, add_special_tokens=False)["input_ids"]
             full_ids = prompt_ids + list(target_ids)
         if end_id is not None and target:
             full_ids = list(full_ids) + [end_id]

@@ -107,3 +107,12 @@ def test_a_chat_templated_prompt_routes_to_its_edit_by_its_user_message(char_tok
         assert 0.0 <= scores["chat_rel"] <= 1.0
     finally:
         char_tokenizer.chat_template = old_template
+
+
+def test_a_chat_answer_starts_its_turn_without_a_space(char_tokenizer):
+    from memoir.tokens import batch_prompt_target
+
+    spaced = batch_prompt_target(char_tokenizer, ["<s>assistant:"], ["Paris"])
+    joined = batch_prompt_target(char_tokenizer, ["<s>assistant:"], ["Paris"], separator="")
+    target = lambda b: char_tokenizer.decode(b.input_ids[0, int(b.prompt_lengths[0]) : int(b.lengths[0])])  # noqa: E731
+    assert (target(spaced), target(joined)) == (" Paris", "Paris")
