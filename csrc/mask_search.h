@@ -29,6 +29,9 @@ int memoir_overlap_variant_in_use(void);
 // counts with the same popcount.
 typedef int32_t (*memoir_overlap_fn)(const int64_t* query, const int64_t* mask, int64_t words);
 memoir_overlap_fn memoir_overlap_function(void);
+// Threads a CPU search over num_masks x words bank words (for batch queries) should use: the
+// requested count (<= 0: OpenMP's), fewer when the bank is too small to pay for waking the pool.
+int memoir_search_threads(int num_threads, int64_t num_masks, int64_t words, int64_t batch);
 
 // Top-r form (csrc/mask_search_topk_cpu.cpp): for each query the r rows of largest overlap, ordered
 // by overlap descending then index ascending; entries past the bank's rows are (-1, 0).

@@ -147,14 +147,7 @@ constexpr int64_t kMinWordsPerThread = 1 << 15;
 
 }  // namespace
 
-extern "C" void memoir_mask_search_cpu(const int64_t* query, const int64_t* bank, int64_t batch,
-                                       int64_t num_masks, int64_t words, int64_t* index, int32_t* overlap,
-                                       int num_threads) {
-  for (int64_t b = 0; b < batch; ++b) {
-    index[b] = -1;
-    overlap[b] = 0;
-  }
-  if (num_masks <= 0 || batch <= 0) return;
+extern "C" int memoir_search_threads(int num_threads, int64_t num_masks, int64_t words, int64_t batch) {
 #ifdef _OPENMP
   int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
 #else
@@ -163,6 +156,18 @@ extern "C" void memoir_mask_search_cpu(const int64_t* query, const int64_t* bank
 #endif
   const int64_t work = num_masks * words * (batch < kQueryGroup ? batch : kQueryGroup);
   if (work / kMinWordsPerThread < threads) threads = static_cast<int>(work / kMinWordsPerThread > 1 ? work / kMinWordsPerThread : 1);
+  return threads;
+}
+
+extern "C" void memoir_mask_search_cpu(const int64_t* query, const int64_t* bank, int64_t batch,
+                                       int64_t num_masks, int64_t words, int64_t* index, int32_t* overlap,
+                                       int num_threads) {
+  for (int64_t b = 0; b < batch; ++b) {
+    index[b] = -1;
+    overlap[b] = 0;
+  }
+  if (num_masks <= 0 || batch <= 0) return;
+  const int threads = memoir_search_threads(num_threads, num_masks, words, batch);
   // Each thread owns a contiguous slice of the bank, so slices are ordered by index and the
   // reduction below can resolve ties by slice order.
   const int64_t slices = threads < num_masks ? threads : num_masks;

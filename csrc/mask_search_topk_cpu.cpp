@@ -51,8 +51,7 @@ inline void offer(Entry* list, int64_t& count, int64_t capacity, int32_t value, 
 
 // Queries compared with one bank row while it is in L1 (as in mask_search_cpu.cpp).
 constexpr int64_t kQueryGroup = 8;
-// Below this many bank words per thread a single thread is faster than waking the pool.
-constexpr int64_t kMinWordsPerThread = 1 << 15;
+
 
 }  // namespace
 
@@ -66,15 +65,7 @@ extern "C" void memoir_mask_search_topk_cpu(const int64_t* query, const int64_t*
   }
   if (num_masks <= 0) return;
   const memoir_overlap_fn score = memoir_overlap_function();
-#ifdef _OPENMP
-  int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-#else
-  int threads = 1;
-  (void)num_threads;
-#endif
-  const int64_t work = num_masks * words * (batch < kQueryGroup ? batch : kQueryGroup);
-  if (work / kMinWordsPerThread < threads)
-    threads = static_cast<int>(work / kMinWordsPerThread > 1 ? work / kMinWordsPerThread : 1);
+  int threads = memoir_search_threads(num_threads, num_masks, words, batch);
   const int64_t slices = threads < num_masks ? threads : num_masks;
   // A list never holds more rows than the bank has.
   const int64_t capacity = r < num_masks ? r : num_masks;

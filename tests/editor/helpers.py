@@ -30,3 +30,14 @@ def logits(model, tokenizer, texts, padding_side="right"):
     batch = encode(tokenizer, texts, padding_side)
     with torch.no_grad():
         return model(**batch).logits, batch["attention_mask"]
+
+
+def edited_tiny_llama(tokenizer):
+    """A tiny LLaMA with an editor holding the three EDITS (mu from UNRELATED)."""
+    import memoir
+    from memoir.models import tiny_model
+
+    editor = memoir.attach(tiny_model("llama", vocab_size=len(tokenizer)), tokenizer, tiny_config())
+    editor.fit_background(UNRELATED)
+    editor.edit_many([{"prompt": p, "target": t} for p, t in EDITS], progress=False)
+    return editor

@@ -9,21 +9,14 @@ newest transformers release too.
 import pytest
 import torch
 
-import memoir
-from memoir.models import tiny_model
-
-from .helpers import EDITS, UNRELATED, tiny_config
+from .helpers import EDITS, UNRELATED, edited_tiny_llama
 
 NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def editor(char_tokenizer):
-    model = tiny_model("llama", vocab_size=len(char_tokenizer))
-    editor = memoir.attach(model, char_tokenizer, tiny_config())
-    editor.fit_background(UNRELATED)
-    editor.edit_many([{"prompt": p, "target": t} for p, t in EDITS], progress=False)
-    return editor
+    return edited_tiny_llama(char_tokenizer)
 
 
 @torch.no_grad()
