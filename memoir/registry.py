@@ -107,10 +107,12 @@ class EditRegistry:
         self._active_by_row: dict[int, list[int]] = {}
         self._active_by_prompt: dict[str, list[int]] = {}
         self._inactive = 0
+        self._recorded_rows: set[int] = set()
         for record in self._records:
             self._index_active(record)
 
     def _index_active(self, record: EditRecord) -> None:
+        self._recorded_rows.add(record.mask_row)
         self._inactive += not record.active
         if record.active:
             self._active_by_row.setdefault(record.mask_row, []).append(record.index)
@@ -158,8 +160,7 @@ class EditRegistry:
         """``[num_rows]`` bool, False for a withdrawn row; ``None`` when every row routes."""
         if self._inactive == 0:
             return None  # nothing withdrawn or replaced: the common case costs no scan
-        recorded = {record.mask_row for record in self._records}
-        dead = [row for row in recorded if row not in self._active_by_row and row < num_rows]
+        dead = [row for row in self._recorded_rows if row not in self._active_by_row and row < num_rows]
         if not dead:
             return None
         active = torch.ones(num_rows, dtype=torch.bool)
