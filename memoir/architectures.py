@@ -49,6 +49,7 @@ class _Preset:
     weight_decay: float = 1e-5
     rehearse: int = 4  # the product's default (README, "Rehearsal"); 0 is the faithful recipe
     answer_end: str = "none"  # "eos" teaches where the answer ends (README, "Answers that end")
+    train_chat: bool = False  # True trains the chat-templated turn too (README, "Answers that end")
 
 
 # Keyed by (model_type, n_layers, hidden size, intermediate size). The LLaMA-3 / Mistral values are
@@ -140,4 +141,6 @@ def resolve_config(model: nn.Module, config: MemoirConfig | None) -> MemoirConfi
         changes["rehearse"] = preset.rehearse
     if config.answer_end is None:
         changes["answer_end"] = preset.answer_end
+    if config.train_chat is None:
+        changes["train_chat"] = preset.train_chat
     return config.replace(**changes) if changes else config

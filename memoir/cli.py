@@ -58,6 +58,8 @@ def _config_from_args(args):
         changes["fast_edit"] = False
     if args.rehearse_prefixes:
         changes["rehearse_prefixes"] = True
+    if args.train_chat is not None:
+        changes["train_chat"] = args.train_chat == "on"
     return MemoirConfig(**changes)
 
 
@@ -264,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "that message): chat_rel, chat_gen, chat_loc, and with --generate the gen_* keys under chat")
     ev.add_argument("--answer-end", choices=ANSWER_ENDS, default=None,
                     help="'eos': teach the end of the answer after each target; 'none': the faithful recipe")
+    ev.add_argument("--train-chat", choices=("on", "off"), default=None,
+                    help="'on': also train each edit as a chat turn through the chat template (default: the preset)")
     ev.add_argument("--rehearse", type=int, default=None, metavar="R",
                     help="stored edits rehearsed per edit (0: the faithful recipe; default: the preset)")
     ev.add_argument("--rehearse-select", choices=REHEARSE_SELECTIONS, default=None)

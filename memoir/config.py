@@ -70,6 +70,12 @@ class MemoirConfig:
         metadata={"help": "'eos': teach the EOS / end-of-turn token after each target, so generate stops after "
                           "the answer; 'none': the faithful recipe; None = preset."},
     )
+    train_chat: bool | None = field(
+        default=None,
+        metadata={"help": "Also train each edit as a chat turn (the prompt as the user message through the "
+                          "tokenizer's chat template, the target as the assistant's answer) so it holds in chat; "
+                          "ignored for a tokenizer without a chat template; None = preset."},
+    )
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip per step (0 disables)."})
     early_stop_loss: float = field(default=0.02, metadata={"help": "Stop when the loss is at most this..."})
     early_stop_delta: float = field(default=1e-4, metadata={"help": "...and changed by at most this."})
@@ -114,6 +120,7 @@ class MemoirConfig:
                "rehearse_weight must be a finite number > 0")
         _check(isinstance(self.rehearse_prefixes, bool), "rehearse_prefixes must be a bool")
         _check(self.answer_end is None or self.answer_end in ANSWER_ENDS, f"answer_end must be one of {ANSWER_ENDS}")
+        _check(self.train_chat is None or isinstance(self.train_chat, bool), "train_chat must be a bool or None")
         _check(_is_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip must be a finite number >= 0")
         _check(_is_finite(self.early_stop_loss) and self.early_stop_loss >= 0,
                "early_stop_loss must be a finite number >= 0")

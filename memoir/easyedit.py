@@ -68,8 +68,9 @@ class MEMOIRHyperParams:
     preset, 1e-5 as in the reference for its models), ``num_background`` (rows of the background
     feature file averaged into mu; the reference uses 100) and the rehearsal keys ``rehearse``
     (stored edits rehearsed per edit; default 0, the reference's recipe), ``rehearse_select``,
-    ``rehearse_min_overlap``, ``rehearse_weight``, ``rehearse_prefixes``, and ``answer_end``
-    (default ``"none"``, the reference's recipe; see :class:`memoir.MemoirConfig`).
+    ``rehearse_min_overlap``, ``rehearse_weight``, ``rehearse_prefixes``, ``answer_end``
+    (default ``"none"``, the reference's recipe) and ``train_chat`` (default false, the
+    reference's recipe; see :class:`memoir.MemoirConfig`).
     """
 
     edit_lr: float
@@ -97,6 +98,7 @@ class MEMOIRHyperParams:
     rehearse_weight: float = 1.0
     rehearse_prefixes: bool = False
     answer_end: str = "none"
+    train_chat: bool = False
 
     def __post_init__(self) -> None:
         if self.alg_name != "MEMOIR":
@@ -181,7 +183,7 @@ class MEMOIRHyperParams:
                        num_background=self.num_background, rehearse=self.rehearse,
                        rehearse_select=self.rehearse_select, rehearse_min_overlap=self.rehearse_min_overlap,
                        rehearse_weight=self.rehearse_weight, rehearse_prefixes=self.rehearse_prefixes,
-                       answer_end=self.answer_end)
+                       answer_end=self.answer_end, train_chat=self.train_chat)
         if self.weight_decay is not None:
             changes["weight_decay"] = self.weight_decay
         return (base or MemoirConfig()).replace(**changes)

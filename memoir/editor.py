@@ -118,6 +118,8 @@ class MemoirEditor:
         self.registry = EditRegistry()
         self._warned_unrecorded = False
         self._end_id = answer_end_id(model, tokenizer, config)  # taught after each target, or None
+        # The chat-templated turn is trained too when asked for and the tokenizer has a template.
+        self._chat_rows = bool(config.train_chat) and getattr(tokenizer, "chat_template", None) is not None
         self._routing = RoutingState()
         self._gate = ReadWriteGate()  # forward calls read the memory; edits change it (memoir.concurrency)
         self._open_reads = threading.local()
@@ -349,7 +351,8 @@ class MemoirEditor:
         try:
             rehearsed = self._choose_rehearsal(prompt)
             batch, rehearsal = build_training_batch(self.tokenizer, prompt, target, prefixes, rehearsed,
-                                                    self.layer.bank_bits, self.config, self._end_id)
+                                                    self.layer.bank_bits, self.config, self._end_id,
+                                                    self._chat_rows)
             if rehearsal is not None:
                 rehearsal.bits = rehearsal.bits.to(self.device)
             with self._frozen_model():
@@ -372,7 +375,8 @@ class MemoirEditor:
         limit = _position_limit(self.model)
         if limit is None:
             return
-        longest = int(build_edit_batch(self.tokenizer, prompt, target, prefixes, self._end_id).lengths.max())
+        longest = int(build_edit_batch(self.tokenizer, prompt, target, prefixes, self._end_id,
+                                       self._chat_rows).lengths.max())
         if longest > limit:
             raise ValueError(f"this edit's longest training row (context prefix + prompt + target) is {longest} "
                              f"tokens, more than the model's {limit} positions: shorten the prompt or the target")

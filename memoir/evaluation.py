@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .tokens import batch_prompt_target
+from .tokens import batch_prompt_target, chat_prompt
 from .training import EditResult
 
 __all__ = ["load_zsre", "edit_records", "edit_stream", "first_of_each_subject", "background_sentences",
@@ -243,12 +243,6 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
     report["curve"] = sorted(curve, key=lambda p: p["edits"]) + [final_point]
     report["_loc_before"] = loc_before.predictions
     return report
-
-
-def chat_prompt(tokenizer, text: str) -> str:
-    """``text`` as a user message through the tokenizer's chat template, ready for the answer."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
 
 
 def chat_scores(editor, records: list[dict]) -> dict:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokens import batch_prompt_target, pad_id_of
+from .tokens import batch_prompt_target, chat_prompt, pad_id_of
 
 __all__ = ["classify_continuation", "generation_scores", "end_token_ids", "Continuation", "AFTER_TARGET"]
 
@@ -106,7 +106,6 @@ def generation_scores(editor, records: list[dict], chat: bool = False, examples:
     """The ``gen_*`` scores of ``records`` (ZsRE ``src``/``rephrase``/``alt``/``loc``/``loc_ans``)
     under the editor's current memory. With ``chat`` every prompt goes through the chat template
     as a user message and is routed by that message (:meth:`MemoirEditor.routed_as`)."""
-    from .evaluation import chat_prompt
 
     tokenizer, model = editor.tokenizer, editor.model
     end_ids = end_token_ids(model, tokenizer)

@@ -20,7 +20,7 @@ from memoir_kernels import mask_search_topk
 from .config import MemoirConfig
 from .registry import EditRecord, EditRegistry
 from .tokens import TokenBatch, batch_prompt_target
-from .training import Rehearsal, build_edit_batch, edit_prompts
+from .training import Rehearsal, build_edit_batch, edit_prompts, edit_rows
 
 __all__ = ["choose_rehearsal", "build_training_batch"]
 
@@ -83,23 +83,25 @@ def _recent(registry: EditRegistry, bank_bits, query_bits, wanted: int, floor: f
 
 
 def build_training_batch(tokenizer, prompt: str, target: str, prefixes: list[str], rehearsed: list[EditRecord],
-                         bank_bits: torch.Tensor, config: MemoirConfig, end_id: int | None = None
-                         ) -> tuple[TokenBatch, Rehearsal | None]:
-    """The edit's batch (its row, then one row per context prefix) followed by the rehearsed rows.
+                         bank_bits: torch.Tensor, config: MemoirConfig, end_id: int | None = None,
+                         chat: bool = False) -> tuple[TokenBatch, Rehearsal | None]:
+    """The edit's batch (its row, one row per context prefix, with ``chat`` its chat-templated
+    turn: :func:`memoir.training.edit_rows`) followed by the rehearsed rows.
 
     Each rehearsed edit gives its ``prompt + ' ' + target`` row (and, with ``rehearse_prefixes``,
     its prefixed rows too), trained with its stored mask and weighted ``rehearse_weight`` in the
     loss. With nothing to rehearse the batch is exactly the faithful recipe's.
     """
     if not rehearsed:
-        return build_edit_batch(tokenizer, prompt, target, prefixes, end_id), None
-    prompts = edit_prompts(prompt, prefixes)
+        return build_edit_batch(tokenizer, prompt, target, prefixes, end_id, chat), None
+    prompts, separators = edit_rows(tokenizer, prompt, prefixes, chat)
     targets = [target] * len(prompts)
     rows = []
     for record in rehearsed:
         texts = edit_prompts(record.prompt, prefixes if config.rehearse_prefixes else [])
         rows += [(text, record.target, record.mask_row) for text in texts]
-    batch = batch_prompt_target(tokenizer, prompts + [r[0] for r in rows], targets + [r[1] for r in rows], end_id)
+    batch = batch_prompt_target(tokenizer, prompts + [r[0] for r in rows], targets + [r[1] for r in rows], end_id,
+                                separators + [" "] * len(rows))
     bits = bank_bits[torch.tensor([r[2] for r in rows], device=bank_bits.device)]
     weights = torch.ones(len(prompts) + len(rows), dtype=torch.float64)
     weights[len(prompts):] = config.rehearse_weight

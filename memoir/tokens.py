@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["pad_id_of", "encode", "TokenBatch", "batch_prompt_target"]
+__all__ = ["pad_id_of", "encode", "chat_prompt", "TokenBatch", "batch_prompt_target"]
 
 
 def pad_id_of(tokenizer) -> int:
@@ -23,6 +23,12 @@ def pad_id_of(tokenizer) -> int:
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` with the tokenizer's usual special tokens (BOS where it adds one)."""
     return list(tokenizer(text)["input_ids"])
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` as a user message through the tokenizer's chat template, ready for the answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 @dataclass
@@ -50,11 +56,12 @@ class TokenBatch:
 
 
 def batch_prompt_target(tokenizer, prompts: list[str], targets: list[str], end_id: int | None = None,
-                        separator: str = " ") -> TokenBatch:
+                        separator: str | list[str] = " ") -> TokenBatch:
     """Tokenise ``prompt + separator + target`` rows (right padding); targets may be empty strings.
 
-    ``separator`` is ``" "`` for a plain prompt (the protocol's ``prompt + ' ' + target``) and
-    ``""`` after a chat template's assistant header, where the answer starts the turn.
+    ``separator`` (one for every row, or a list with one per row) is ``" "`` for a plain prompt
+    (the protocol's ``prompt + ' ' + target``) and ``""`` after a chat template's assistant
+    header, where the answer starts the turn.
 
     The prompt length of a row is the token count of the prompt alone; if the tokenizer merges
     across the boundary, the full sequence is rebuilt from the two halves so the boundary holds.
@@ -62,8 +69,9 @@ def batch_prompt_target(tokenizer, prompts: list[str], targets: list[str], end_i
     end of the answer is then part of what an edit teaches).
     """
     pad = pad_id_of(tokenizer)
+    separators = [separator] * len(prompts) if isinstance(separator, str) else list(separator)
     rows, prompt_lengths = [], []
-    for prompt, target in zip(prompts, targets, strict=True):
+    for prompt, target, separator in zip(prompts, targets, separators, strict=True):
         prompt_ids = encode(tokenizer, prompt)
         full_ids = encode(tokenizer, f"{prompt}{separator}{target}") if target else prompt_ids
         if full_ids[: len(prompt_ids)] != prompt_ids:

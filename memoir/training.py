@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from .config import MemoirConfig
 from .head_loss import linear_cross_entropy, loss_dtype, row_mean_weights
 from .layer import CallContext, MemoirLayer
-from .tokens import TokenBatch, batch_prompt_target, pad_id_of
+from .tokens import TokenBatch, batch_prompt_target, chat_prompt, pad_id_of
 
-__all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "edit_prompts", "build_edit_batch", "answer_end_id", "optimise_edit", "BlockStack",
+__all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "edit_prompts", "edit_rows", "build_edit_batch", "answer_end_id", "optimise_edit", "BlockStack",
            "Rehearsal", "NonFiniteEditError"]
 
 
@@ -123,12 +123,25 @@ def edit_prompts(prompt: str, prefixes: list[str]) -> list[str]:
     return [prompt] + [f"{prefix} {prompt}" for prefix in prefixes]
 
 
-def build_edit_batch(tokenizer, prompt: str, target: str, prefixes: list[str], end_id: int | None = None
-                     ) -> TokenBatch:
-    """Row 0: ``prompt + ' ' + target``; then one row per context prefix, ``prefix + ' ' + row 0``;
-    with ``end_id`` each target is followed by that token (see :func:`answer_end_id`)."""
+def edit_rows(tokenizer, prompt: str, prefixes: list[str], chat: bool = False) -> tuple[list[str], list[str]]:
+    """Prompts and separators of an edit's own rows: :func:`edit_prompts`, then with ``chat`` the
+    prompt as a user message through the chat template (the answer starts the assistant's turn,
+    so no space before it)."""
     prompts = edit_prompts(prompt, prefixes)
-    return batch_prompt_target(tokenizer, prompts, [target] * len(prompts), end_id)
+    separators = [" "] * len(prompts)
+    if chat:
+        prompts.append(chat_prompt(tokenizer, prompt))
+        separators.append("")
+    return prompts, separators
+
+
+def build_edit_batch(tokenizer, prompt: str, target: str, prefixes: list[str], end_id: int | None = None,
+                     chat: bool = False) -> TokenBatch:
+    """Row 0: ``prompt + ' ' + target``; then one row per context prefix, ``prefix + ' ' + row 0``;
+    with ``chat`` a last row, the chat-templated turn (:func:`edit_rows`); with ``end_id`` each
+    target is followed by that token (see :func:`answer_end_id`)."""
+    prompts, separators = edit_rows(tokenizer, prompt, prefixes, chat)
+    return batch_prompt_target(tokenizer, prompts, [target] * len(prompts), end_id, separators)
 
 
 def answer_end_id(model: nn.Module, tokenizer, config: MemoirConfig) -> int | None:

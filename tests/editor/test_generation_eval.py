@@ -116,3 +116,47 @@ def test_a_chat_answer_starts_its_turn_without_a_space(char_tokenizer):
     joined = batch_prompt_target(char_tokenizer, ["<s>assistant:"], ["Paris"], separator="")
     target = lambda b: char_tokenizer.decode(b.input_ids[0, int(b.prompt_lengths[0]) : int(b.lengths[0])])  # noqa: E731
     assert (target(spaced), target(joined)) == (" Paris", "Paris")
+
+
+def _chat_editor(char_tokenizer, train_chat: bool):
+    model = tiny_model("llama", vocab_size=len(char_tokenizer))
+    # The chat row makes 3 rows harder to fit on a random model: more steps than the other tests.
+    editor = memoir.attach(model, char_tokenizer, tiny_config(answer_end="eos", train_chat=train_chat, n_iter=300))
+    editor.fit_background(UNRELATED)
+    for prompt, target in EDITS:
+        editor.edit(prompt, target)
+    return editor
+
+
+def test_training_the_chat_turn_makes_edits_hold_through_the_template(char_tokenizer):
+    from memoir.evaluation import chat_scores
+
+    records = [{"src": p, "rephrase": p, "alt": t, "loc": u, "loc_ans": "x"}
+               for (p, t), u in zip(EDITS, UNRELATED, strict=True)]
+    old_template, char_tokenizer.chat_template = char_tokenizer.chat_template, CHAT_TEMPLATE
+    try:
+        scores, banks = {}, {}
+        for train_chat in (False, True):
+            editor = _chat_editor(char_tokenizer, train_chat)
+            scores[train_chat], banks[train_chat] = chat_scores(editor, records), editor.layer.bank_bits.clone()
+        # Raw rows alone do not teach the answer after the template's assistant header; the
+        # templated turn in the batch does. Routing is the raw prompt's either way.
+        assert scores[True]["chat_rel"] == 1.0 > scores[False]["chat_rel"]
+        assert scores[True]["chat_loc"] == scores[False]["chat_loc"] == 1.0
+        assert torch.equal(banks[True], banks[False])
+    finally:
+        char_tokenizer.chat_template = old_template
+
+
+def test_the_chat_row_is_the_templated_turn_ending_with_the_end_token(char_tokenizer):
+    old_template, char_tokenizer.chat_template = char_tokenizer.chat_template, CHAT_TEMPLATE
+    try:
+        batch = build_edit_batch(char_tokenizer, "Alice lives in", "Paris", ["I am"], end_id=EOS, chat=True)
+        plain = build_edit_batch(char_tokenizer, "Alice lives in", "Paris", ["I am"], end_id=EOS)
+    finally:
+        char_tokenizer.chat_template = old_template
+    assert batch.input_ids.shape[0] == plain.input_ids.shape[0] + 1
+    row = batch.input_ids[-1, : int(batch.lengths[-1])].tolist()
+    prompt = char_tokenizer.decode(row[: int(batch.prompt_lengths[-1])])
+    assert prompt == "<s>user: Alice lives in</s><s>assistant:"
+    assert char_tokenizer.decode(row[int(batch.prompt_lengths[-1]) : -1]) == "Paris" and row[-1] == EOS
