@@ -40,13 +40,18 @@ int memoir_search_threads(int num_threads, int64_t num_masks, int64_t words, int
 void memoir_mask_search_topk_cpu(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
                                  int64_t words, int64_t r, int64_t* index, int32_t* overlap, int num_threads);
 
-// CUDA kernel (csrc/mask_search_cuda.cu), one launch on `stream`. `partial` is scratch of partial_blocks * batch uint64 words;
-// take partial_blocks from memoir_mask_search_partial_blocks. Returns the cudaError_t of the launch.
+// CUDA kernel (csrc/mask_search_cuda.cu): a cudaMemsetAsync and one launch on `stream`, no host
+// synchronisation, no allocation, no state kept between calls (safe on concurrent streams, capturable
+// in a CUDA graph). Per-call scratch on the current device, owned by the caller until the stream passes
+// the call: `partial` of partial_blocks * batch uint64 words and `blocks_done`, one uint32 completion
+// counter (the launcher zeroes it on `stream`). Take partial_blocks from
+// memoir_mask_search_partial_blocks (it reads the current device's SM count, cached per device).
+// Returns the cudaError_t of the memset or the launch.
 int memoir_mask_search_partial_blocks(int64_t batch, int64_t num_masks);
 #if defined(__CUDACC__) || defined(MEMOIR_WITH_CUDA)
 int memoir_mask_search_cuda(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
-                            int64_t words, uint64_t* partial, int64_t* index, int32_t* overlap, int partial_blocks,
-                            cudaStream_t stream);
+                            int64_t words, uint64_t* partial, uint32_t* blocks_done, int64_t* index, int32_t* overlap,
+                            int partial_blocks, cudaStream_t stream);
 #endif
 
 // CUDA top-r search (csrc/mask_search_topk_cuda.cu): one launch on `stream`, no scratch, no state

@@ -8,11 +8,16 @@
 //     key = overlap << 32 | (0xFFFFFFFF - n),
 // so "larger key" means "larger overlap, then lower index" and every reduction is a plain max.
 // The whole search is ONE launch (CUDA-graph friendly, no host sync): blocks write their partial
-// maxima, and the last block to finish (a device counter) reduces them and writes the outputs.
+// maxima, and the last block to finish reduces them and writes the outputs. "Last" is counted in a
+// per-call counter that the caller passes with the partials (its workspace, e.g. from the caching
+// allocator) and the launcher zeroes with cudaMemsetAsync on the call's stream just before the
+// kernel, so searches in flight on different streams never share it, an aborted launch leaves
+// nothing behind for the next call, and the memset + kernel pair is capturable in a CUDA graph.
 //
 // No torch headers: raw pointers, cudaStream_t and extern "C" launchers, so plain nvcc compiles it.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "mask_search.h"
@@ -23,10 +28,6 @@ constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarpsPerBlock * 32;
 constexpr int kQueries = 8;  // queries sharing each bank word; grid.y tiles larger batches
 constexpr int kMaxWordsPerLane = 8;  // words a lane loads before using them (14336 bits: 7)
-
-// Blocks that have finished, per launch; zero at module load and reset by the last block, so the
-// counter is ready for the next launch. Launches on one stream are ordered, so they never overlap.
-__device__ unsigned int g_blocks_done = 0;
 
 __device__ __forceinline__ unsigned long long pack_key(int overlap, long long n) {
   return (static_cast<unsigned long long>(overlap) << 32) | (0xFFFFFFFFull - static_cast<unsigned long long>(n));
@@ -95,12 +96,14 @@ __device__ void reduce_partials(const unsigned long long* __restrict__ partial, 
   }
 }
 
-// grid = (row_blocks, query_groups); partial [gridDim.x, batch] keys.
+// grid = (row_blocks, query_groups); partial [gridDim.x, batch] keys; blocks_done is this call's
+// completion counter, zero at launch.
 template <int Q>
 __global__ void __launch_bounds__(kThreads) mask_search_kernel(const unsigned long long* __restrict__ query,
                                                                const unsigned long long* __restrict__ bank,
                                                                long long batch, long long num_masks, long long words,
                                                                unsigned long long* __restrict__ partial,
+                                                               unsigned int* __restrict__ blocks_done,
                                                                long long* __restrict__ index,
                                                                int* __restrict__ overlap) {
   const int lane = threadIdx.x & 31;
@@ -167,23 +170,33 @@ __global__ void __launch_bounds__(kThreads) mask_search_kernel(const unsigned lo
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned int total_blocks = gridDim.x * gridDim.y;
-    is_last = atomicAdd(&g_blocks_done, 1u) == total_blocks - 1;
+    is_last = atomicAdd(blocks_done, 1u) == total_blocks - 1;
   }
   __syncthreads();
   if (!is_last) return;
   __threadfence();
   reduce_partials(partial, batch, gridDim.x, index, overlap);
-  if (threadIdx.x == 0) g_blocks_done = 0;
 }
 
+// SM count of each device, looked up once per device id. Lock-free: a slot is 0 until its first
+// lookup stores the attribute; two threads racing on a first lookup store the same value.
+// Devices past the table are looked up on every call (no process has that many).
+constexpr int kMaxCachedDevices = 256;
+std::atomic<int> g_sm_counts[kMaxCachedDevices];  // static storage: zero-initialised
+
 int sm_count() {
-  static int count = 0;  // the launcher is called on one device per process in practice
-  if (count == 0) {
-    int device = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    if (count <= 0) count = 1;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0) device = 0;
+  if (device < kMaxCachedDevices) {
+    const int cached = g_sm_counts[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
   }
+  int count = 0;
+  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || count <= 0) {
+    cudaGetLastError();  // a failed lookup must not surface as the next launch's error
+    return 1;            // not cached: a later call asks again
+  }
+  if (device < kMaxCachedDevices) g_sm_counts[device].store(count, std::memory_order_relaxed);
   return count;
 }
 
@@ -202,18 +215,24 @@ extern "C" int memoir_mask_search_partial_blocks(int64_t batch, int64_t num_mask
 }
 
 extern "C" int memoir_mask_search_cuda(const int64_t* query, const int64_t* bank, int64_t batch, int64_t num_masks,
-                                       int64_t words, uint64_t* partial, int64_t* index, int32_t* overlap,
-                                       int partial_blocks, cudaStream_t stream) {
+                                       int64_t words, uint64_t* partial, uint32_t* blocks_done, int64_t* index,
+                                       int32_t* overlap, int partial_blocks, cudaStream_t stream) {
   if (batch <= 0) return 0;
+  // The counter is zeroed on the call's stream, so it is ready when the kernel starts, whatever an
+  // earlier (possibly aborted) launch left in that memory.
+  const cudaError_t zeroed = cudaMemsetAsync(blocks_done, 0, sizeof(uint32_t), stream);
+  if (zeroed != cudaSuccess) return static_cast<int>(zeroed);
   const dim3 grid(static_cast<unsigned int>(partial_blocks), static_cast<unsigned int>((batch + kQueries - 1) / kQueries));
   const auto* q = reinterpret_cast<const unsigned long long*>(query);
   const auto* m = reinterpret_cast<const unsigned long long*>(bank);
   auto* p = reinterpret_cast<unsigned long long*>(partial);
+  auto* done = reinterpret_cast<unsigned int*>(blocks_done);
   auto* out_index = reinterpret_cast<long long*>(index);
   if (batch == 1) {
-    mask_search_kernel<1><<<grid, kThreads, 0, stream>>>(q, m, batch, num_masks, words, p, out_index, overlap);
+    mask_search_kernel<1><<<grid, kThreads, 0, stream>>>(q, m, batch, num_masks, words, p, done, out_index, overlap);
   } else {
-    mask_search_kernel<kQueries><<<grid, kThreads, 0, stream>>>(q, m, batch, num_masks, words, p, out_index, overlap);
+    mask_search_kernel<kQueries>
+        <<<grid, kThreads, 0, stream>>>(q, m, batch, num_masks, words, p, done, out_index, overlap);
   }
   return static_cast<int>(cudaGetLastError());
 }

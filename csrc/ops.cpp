@@ -53,11 +53,15 @@ std::tuple<at::Tensor, at::Tensor> mask_search_cuda(const at::Tensor& query, con
   auto overlap = at::empty({batch}, query.options().dtype(at::kInt));
   if (batch == 0) return {index, overlap};
   const int blocks = memoir_mask_search_partial_blocks(batch, bank.size(0));
-  auto partial = at::empty({blocks, batch}, query.options());  // scratch, from the caching allocator
+  // This call's workspace, from the caching allocator on the current stream: the blocks' partial
+  // maxima, then one word holding the completion counter (zeroed by the launcher on the stream).
+  const int64_t partial_words = static_cast<int64_t>(blocks) * batch;
+  auto workspace = at::empty({partial_words + 1}, query.options());
+  auto* partial = reinterpret_cast<uint64_t*>(workspace.data_ptr<int64_t>());
   const int status = memoir_mask_search_cuda(
-      query.data_ptr<int64_t>(), bank.data_ptr<int64_t>(), batch, bank.size(0), query.size(1),
-      reinterpret_cast<uint64_t*>(partial.data_ptr<int64_t>()), index.data_ptr<int64_t>(),
-      overlap.data_ptr<int32_t>(), blocks, c10::cuda::getCurrentCUDAStream().stream());
+      query.data_ptr<int64_t>(), bank.data_ptr<int64_t>(), batch, bank.size(0), query.size(1), partial,
+      reinterpret_cast<uint32_t*>(partial + partial_words), index.data_ptr<int64_t>(), overlap.data_ptr<int32_t>(),
+      blocks, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == 0, "memoir::mask_search (CUDA): launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(status)));
   return {index, overlap};

@@ -163,5 +163,61 @@ def test_cuda_kernel_equals_reference(n, dim, k, batch):
     got = torch.ops.memoir.mask_search(query, bank)
     want = mask_search_reference(query.cpu(), bank.cpu())
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
-    again = torch.ops.memoir.mask_search(query, bank)  # the block counter was reset for the next call
+    again = torch.ops.memoir.mask_search(query, bank)  # a second call starts from a fresh counter
     assert torch.equal(again[0], got[0])
+
+
+@pytest.mark.cuda
+def test_cuda_searches_on_two_streams_keep_their_own_counters():
+    """Two searches in flight at once on two streams, many times over: each launch counts its finished
+    blocks in its own per-call counter, so neither can see the other's blocks and reduce too early
+    (or never). Both answers equal the reference every time. Without a GPU, `make native-check`
+    compiles the kernel for sm_90 instead."""
+    from memoir_kernels._native import native_has_cuda
+
+    if not native_has_cuda():
+        pytest.fail("memoir_kernels._C was built without its CUDA kernels on a CUDA machine")
+    dim, k = 14336, 4096
+    bank_a, query_a = _random_masks(20000, dim, k), _random_masks(1, dim, k)
+    bank_b, query_b = _random_masks(12000, dim, k), _random_masks(5, dim, k)
+    bank_a[15000] = query_a[0]  # exact matches in a late block's share of each bank
+    bank_b[9000] = query_b[2]
+    want = {"a": mask_search_reference(query_a, bank_a), "b": mask_search_reference(query_b, bank_b)}
+    inputs = {"a": (query_a.cuda(), bank_a.cuda()), "b": (query_b.cuda(), bank_b.cuda())}
+    streams = {"a": torch.cuda.Stream(), "b": torch.cuda.Stream()}
+    for stream in streams.values():
+        stream.wait_stream(torch.cuda.current_stream())  # the inputs were copied on the default stream
+    results = []
+    for _ in range(25):
+        for name in ("a", "b"):
+            with torch.cuda.stream(streams[name]):
+                results.append((name, torch.ops.memoir.mask_search(*inputs[name])))
+    torch.cuda.synchronize()
+    for name, (index, overlap) in results:
+        assert torch.equal(index.cpu(), want[name][0]) and torch.equal(overlap.cpu(), want[name][1]), name
+
+
+@pytest.mark.cuda
+def test_cuda_search_replays_in_a_cuda_graph():
+    """The counter's zeroing is a memset on the call's stream, so one captured search replays with
+    new queries and still reduces once per replay."""
+    dim, k = 14336, 4096
+    bank = _random_masks(5000, dim, k).cuda()
+    query = _random_masks(3, dim, k).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture, as torch.cuda.graph expects
+        torch.ops.memoir.mask_search(query, bank)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        index, overlap = torch.ops.memoir.mask_search(query, bank)
+    for step in range(3):
+        fresh = _random_masks(3, dim, k).cuda()
+        fresh[1] = bank[1000 * step + 7]
+        query.copy_(fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = mask_search_reference(query.cpu(), bank.cpu())
+        assert torch.equal(index.cpu(), want[0]) and torch.equal(overlap.cpu(), want[1])
+        assert index[1].item() == 1000 * step + 7 and overlap[1].item() == k
