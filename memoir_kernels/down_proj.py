@@ -2,7 +2,9 @@
 
 y_t = W0 a_t (+ bias) + gate[r_t] * W_m^T (mask[r_t] * a_t),  r_t = row_of_token[t],
 with W0 ``[d, D]`` (nn.Linear layout) and W_m stored ``[D, d]`` so a selected column is one row.
-Ungated tokens are exactly the base output (``where``, not a multiply by a zero gate).
+Ungated tokens are exactly the base output (``where``, not a multiply by a zero gate), and cost
+no residual work: the gather kernel skips a token that is not gated, the dense kernel a tile of
+tokens none of which is gated (no mask word, no W_m tile, no second product).
 
 The routed variant takes the mask search's result as it is: mask[r] = bank[index[r]] and
 gate[r] = overlap[r] >= min_overlap are read and compared inside the kernel, so the edited layer's
@@ -42,9 +44,11 @@ def autotune_enabled() -> bool:
 
 
 def masked_residual(a: torch.Tensor, memory: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
-    """Residual ``(mask * a) @ W_m`` for ``a [T, D]``, ``memory [D, d]``, ``token_masks [T, D]`` bool.
+    """Residual ``(mask * a) @ W_m`` for ``a [T, D]`` (or ``[B, T, D]``), ``memory [D, d]`` and
+    ``token_masks`` bool, ``[T, D]`` or broadcastable to ``a`` (``[B, 1, D]``: one mask per row).
 
-    Computed in the memory's dtype and returned in ``a``'s (the editing forward does the same).
+    Computed in the memory's dtype and returned in ``a``'s: the PyTorch form of the editing
+    forward's residual (the CPU path; GPUs run :func:`memoir_kernels.tophash_residual`).
     """
     return ((a.to(memory.dtype) * token_masks.to(memory.dtype)) @ memory).to(a.dtype)
 
@@ -129,13 +133,15 @@ def memoir_down_proj_routed_reference(
     min_overlap: int,
     *,
     base: torch.Tensor,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """Pure-PyTorch routed down projection; same contract as :func:`memoir_down_proj_routed`."""
     _check_routed_inputs(a, memory, row_of_token, bank_bits, index, overlap, base)
     if bank_bits.shape[0] == 0:  # nothing stored: no row is gated (and index holds -1)
         return base
-    return memoir_down_proj_reference(a, None, memory, row_of_token, bank_bits[index], overlap >= min_overlap,
-                                      base=base)
+    out = memoir_down_proj_reference(a, None, memory, row_of_token, bank_bits[index], overlap >= min_overlap,
+                                     base=base)
+    return base.copy_(out) if in_place else out
 
 
 def memoir_down_proj_routed(
@@ -148,6 +154,7 @@ def memoir_down_proj_routed(
     min_overlap: int,
     *,
     base: torch.Tensor,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """Edited down projection of routed sequences: the mask search's result goes in as it is.
 
@@ -165,10 +172,16 @@ def memoir_down_proj_routed(
         overlap: ``[R]`` int32 common positions with that mask (:func:`mask_search`'s overlap).
         min_overlap: the gate: sequence r uses the memory iff ``overlap[r] >= min_overlap``.
         base: ``[T, d]`` base output of the original module; ungated tokens are it bit for bit.
+        in_place: write the edited rows into ``base`` and return it. The Triton kernel then neither
+            reads nor writes an ungated token (an unrelated prompt's prefill costs the gate reads,
+            not a copy of the base output), when ``base`` is in ``a``'s dtype and contiguous;
+            otherwise the result is computed aside and copied into ``base``. Only for a
+            ``base`` that nothing else still needs (not one autograd saved).
 
     Returns:
-        ``[T, d]`` outputs in ``a``'s dtype (``base`` itself when the bank is empty). The Triton
-        kernel picks its regime from ``T`` as :func:`memoir_down_proj` does.
+        ``[T, d]`` outputs in ``a``'s dtype (``base`` itself when the bank is empty or ``in_place``).
+        The Triton kernel picks its regime from ``T`` as :func:`memoir_down_proj` does; in the
+        dense regime a tile of tokens none of which is gated reads no mask and no W_m.
 
     Example:
         >>> index, overlap = mask_search(query_bits, bank_bits)
@@ -179,12 +192,16 @@ def memoir_down_proj_routed(
     # another dtype keeps its own through the reference.
     if bank_bits.shape[0] and a.shape[0] and base.dtype == a.dtype and _use_triton(a):
         per_row = 0 if torch.is_tensor(row_of_token) else row_of_token
-        return torch.ops.memoir.down_proj_routed_triton(
-            a.contiguous(), memory.contiguous(), row_of_token.contiguous() if not per_row else None, per_row,
-            bank_bits.contiguous(), index.contiguous(), overlap.contiguous(), min_overlap, base.contiguous(),
-        )
+        args = (a.contiguous(), memory.contiguous(), row_of_token.contiguous() if not per_row else None, per_row,
+                bank_bits.contiguous(), index.contiguous(), overlap.contiguous(), min_overlap)
+        if not in_place:
+            return torch.ops.memoir.down_proj_routed_triton(*args, base.contiguous())
+        if base.is_contiguous():
+            torch.ops.memoir.down_proj_routed_triton_(*args, base)
+            return base
+        return base.copy_(torch.ops.memoir.down_proj_routed_triton(*args, base.contiguous()))
     return memoir_down_proj_routed_reference(a, memory, row_of_token, bank_bits, index, overlap, min_overlap,
-                                             base=base)
+                                             base=base, in_place=in_place)
 
 
 def _use_triton(a: torch.Tensor) -> bool:
@@ -265,14 +282,40 @@ if HAS_TRITON:
         return gated & valid, slot
 
     @triton.jit
+    def _edited(base, acc, a_ptr, out_ptr, ROUND_RESIDUAL: tl.constexpr):
+        """base + residual in the output dtype; the residual rounded to the activations' dtype
+        before the add when ROUND_RESIDUAL, as the reference does."""
+        if ROUND_RESIDUAL:
+            acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
+        return (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
+
+    @triton.jit
+    def _gather_residual(a_row, mem_ptr, bits_row, n, in_n, dim, hidden, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+        """sum_{i in mask} a[t, i] W_m[i, n] for one token (``a_row``) and its mask's words
+        (``bits_row``): masked loads read only the selected rows of W_m."""
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        k_in_step = tl.arange(0, BLOCK_K)
+        for k0 in range(0, dim, BLOCK_K):
+            kk = k0 + k_in_step
+            in_k = kk < dim
+            word = tl.load(bits_row + kk // 64, mask=in_k, other=0)
+            chosen = in_k & (((word >> (kk % 64).to(tl.int64)) & 1) != 0)
+            x = tl.load(a_row + kk, mask=chosen, other=0.0).to(tl.float32)
+            m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=chosen[:, None] & in_n[None, :], other=0.0)
+            acc += tl.sum(x[:, None] * m.to(tl.float32), axis=0)
+        return acc
+
+    @triton.jit
     def _down_proj_gather_kernel(
         a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, slot_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
         per_row, min_overlap, dim, hidden, words,
-        ROWS_BY_DIVISION: tl.constexpr, ROUTED: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ROUND_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROWS_BY_DIVISION: tl.constexpr, ROUTED: tl.constexpr, HAS_BASE: tl.constexpr, IN_PLACE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """y[t, n] = base[t, n] + gate[r] * sum_{i in mask[r]} a[t, i] W_m[i, n].  One token per program
-        row; masked loads skip the rows of W_m outside the mask, so only the k selected rows are read."""
+        row; masked loads skip the rows of W_m outside the mask, so only the k selected rows are read.
+        IN_PLACE (``out`` is ``base``): an ungated token reads and writes nothing."""
         t = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = n < hidden
@@ -281,46 +324,75 @@ if HAS_TRITON:
         else:
             row = tl.load(rows_ptr + t)
         gated, slot = _gate_and_slot(row, t >= 0, slot_ptr, gate_ptr, min_overlap, ROUTED)  # (t always exists)
-        if HAS_BASE:
-            base = tl.load(base_ptr + t * hidden + n, mask=in_n, other=0.0)
+        a_row = a_ptr + t * dim
+        bits_row = bits_ptr + slot * words
+        out_row = out_ptr + t * hidden
+        if IN_PLACE:
+            if gated:
+                base = tl.load(out_row + n, mask=in_n, other=0.0)
+                acc = _gather_residual(a_row, mem_ptr, bits_row, n, in_n, dim, hidden, BLOCK_N, BLOCK_K)
+                tl.store(out_row + n, _edited(base, acc, a_ptr, out_ptr, ROUND_RESIDUAL), mask=in_n)
         else:
-            acc_base = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, dim, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(a_ptr + t * dim + kk, mask=kk < dim, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + n[None, :] * dim + kk[:, None], mask=(kk[:, None] < dim) & in_n[None, :], other=0.0)
-                acc_base += tl.sum(x[:, None] * w.to(tl.float32), axis=0)
-            if HAS_BIAS:
-                acc_base += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)
-            base = acc_base.to(out_ptr.dtype.element_ty)
-        result = base
-        if gated:
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, dim, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                in_k = kk < dim
-                word = tl.load(bits_ptr + slot * words + kk // 64, mask=in_k, other=0)
-                chosen = in_k & (((word >> (kk % 64).to(tl.int64)) & 1) != 0)
-                x = tl.load(a_ptr + t * dim + kk, mask=chosen, other=0.0).to(tl.float32)
-                m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=chosen[:, None] & in_n[None, :], other=0.0)
-                acc += tl.sum(x[:, None] * m.to(tl.float32), axis=0)
-            if ROUND_RESIDUAL:  # rounded to the activations' dtype before the add, as the reference does
-                acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
-            result = (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + t * hidden + n, result, mask=in_n)
+            if HAS_BASE:
+                base = tl.load(base_ptr + t * hidden + n, mask=in_n, other=0.0)
+            else:
+                acc_base = tl.zeros([BLOCK_N], dtype=tl.float32)
+                w_cols = w_ptr + n[None, :] * dim  # W0 row n (nn.Linear layout)
+                for k0 in range(0, dim, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    x = tl.load(a_row + kk, mask=kk < dim, other=0.0).to(tl.float32)
+                    w = tl.load(w_cols + kk[:, None], mask=(kk[:, None] < dim) & in_n[None, :], other=0.0)
+                    acc_base += tl.sum(x[:, None] * w.to(tl.float32), axis=0)
+                if HAS_BIAS:
+                    acc_base += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)
+                base = acc_base.to(out_ptr.dtype.element_ty)
+            result = base
+            if gated:
+                acc = _gather_residual(a_row, mem_ptr, bits_row, n, in_n, dim, hidden, BLOCK_N, BLOCK_K)
+                result = _edited(base, acc, a_ptr, out_ptr, ROUND_RESIDUAL)
+            tl.store(out_row + n, result, mask=in_n)
+
+    @triton.jit
+    def _dense_residual_step(acc, x, word, k0, mem_ptr, n, in_k, in_n, hidden, DOT_FP32: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        """acc += (mask ⊙ x) W_m[k0 : k0 + BLOCK_K] for a [BLOCK_T, BLOCK_K] activation tile and each
+        token's mask word (0 for ungated tokens)."""
+        kk = k0 + tl.arange(0, BLOCK_K)
+        chosen = ((word[:, None] >> (kk % 64).to(tl.int64)[None, :]) & 1) != 0
+        m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)
+        if DOT_FP32:
+            # fp32 activations, or the interpreter (whose half-precision arithmetic is unreliable).
+            acc += tl.dot(tl.where(chosen, x.to(tl.float32), 0.0), m.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(tl.where(chosen, x, 0.0), m.to(x.dtype))
+        return acc
+
+    @triton.jit
+    def _dense_base_step(acc_base, x, w_cols, kk, in_k, in_n, DOT_FP32: tl.constexpr):
+        """acc_base += x W0[:, kk]^T (the base product fused into the same pass over the activations)."""
+        w = tl.load(w_cols + kk[:, None], mask=in_k[:, None] & in_n[None, :], other=0.0)
+        if DOT_FP32:
+            acc_base += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc_base += tl.dot(x, w.to(x.dtype))
+        return acc_base
 
     @triton.jit
     def _down_proj_dense_kernel(
         a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, slot_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
         per_row, min_overlap, tokens, dim, hidden, words,
-        ROWS_BY_DIVISION: tl.constexpr, ROUTED: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ROUND_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        ROWS_BY_DIVISION: tl.constexpr, ROUTED: tl.constexpr, HAS_BASE: tl.constexpr, IN_PLACE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Y = base + (G ⊙ M[rows] ⊙ A) W_m, tiled [BLOCK_T, BLOCK_N]: each W_m tile serves BLOCK_T tokens.
         BLOCK_K divides 64, so a K step lies inside one 64-bit mask word: one word per token row is
         loaded and expanded in registers (a [BLOCK_T, BLOCK_K] int64 tile of words would cost 8 bytes
-        per element in shared memory and registers, and spilled)."""
+        per element in shared memory and registers, and spilled).
+
+        A tile with no gated token reads no mask word and no W_m and runs no residual product: an
+        unrelated prompt's prefill costs the base output alone (the fused W0 product, or with a given
+        base one copy of it; IN_PLACE, where ``out`` is ``base``, nothing at all)."""
         tl.static_assert(64 % BLOCK_K == 0)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -330,38 +402,56 @@ if HAS_TRITON:
         else:
             row = tl.load(rows_ptr + t, mask=in_t, other=0)
         gated, slot = _gate_and_slot(row, in_t, slot_ptr, gate_ptr, min_overlap, ROUTED)
+        any_gated = tl.max(gated.to(tl.int32), axis=0) > 0
+        a_rows = a_ptr + t[:, None] * dim  # [BLOCK_T, 1] row starts
+        bits_rows = bits_ptr + slot * words
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         acc_base = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, dim, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            in_k = kk < dim
-            x = tl.load(a_ptr + t[:, None] * dim + kk[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
-            word = tl.load(bits_ptr + slot * words + k0 // 64, mask=gated, other=0)  # [BLOCK_T]
-            chosen = ((word[:, None] >> (kk % 64).to(tl.int64)[None, :]) & 1) != 0
-            m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)
-            if DOT_FP32:
-                # fp32 activations, or the interpreter (whose half-precision arithmetic is unreliable).
-                xf = x.to(tl.float32)
-                acc += tl.dot(tl.where(chosen, xf, 0.0), m.to(tl.float32), input_precision="ieee")
-                if not HAS_BASE:
-                    w = tl.load(w_ptr + n[None, :] * dim + kk[:, None], mask=in_k[:, None] & in_n[None, :], other=0.0)
-                    acc_base += tl.dot(xf, w.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(tl.where(chosen, x, 0.0), m.to(x.dtype))
-                if not HAS_BASE:
-                    w = tl.load(w_ptr + n[None, :] * dim + kk[:, None], mask=in_k[:, None] & in_n[None, :], other=0.0)
-                    acc_base += tl.dot(x, w.to(x.dtype))
-        out_mask = in_t[:, None] & in_n[None, :]
         if HAS_BASE:
-            base = tl.load(base_ptr + t[:, None] * hidden + n[None, :], mask=out_mask, other=0.0)
+            if any_gated:
+                for k0 in range(0, dim, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    in_k = kk < dim
+                    word = tl.load(bits_rows + k0 // 64, mask=gated, other=0)  # [BLOCK_T]
+                    x = tl.load(a_rows + kk[None, :], mask=gated[:, None] & in_k[None, :], other=0.0)
+                    acc = _dense_residual_step(acc, x, word, k0, mem_ptr, n, in_k, in_n, hidden, DOT_FP32,
+                                               BLOCK_K)
         else:
-            if HAS_BIAS:
-                acc_base += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)[None, :]
-            base = acc_base.to(out_ptr.dtype.element_ty)
-        if ROUND_RESIDUAL:
-            acc = acc.to(a_ptr.dtype.element_ty).to(tl.float32)
-        edited = (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + t[:, None] * hidden + n[None, :], tl.where(gated[:, None], edited, base), mask=out_mask)
+            w_cols = w_ptr + n[None, :] * dim  # W0 row n (nn.Linear layout)
+            if any_gated:
+                for k0 in range(0, dim, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    in_k = kk < dim
+                    word = tl.load(bits_rows + k0 // 64, mask=gated, other=0)
+                    x = tl.load(a_rows + kk[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
+                    acc = _dense_residual_step(acc, x, word, k0, mem_ptr, n, in_k, in_n, hidden, DOT_FP32,
+                                               BLOCK_K)
+                    acc_base = _dense_base_step(acc_base, x, w_cols, kk, in_k, in_n, DOT_FP32)
+            else:
+                for k0 in range(0, dim, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    in_k = kk < dim
+                    x = tl.load(a_rows + kk[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
+                    acc_base = _dense_base_step(acc_base, x, w_cols, kk, in_k, in_n, DOT_FP32)
+        out_mask = in_t[:, None] & in_n[None, :]
+        out_tile = out_ptr + t[:, None] * hidden + n[None, :]
+        if IN_PLACE:
+            # out is base: ungated rows already hold their output; only gated rows are read and written.
+            if any_gated:
+                edit = out_mask & gated[:, None]
+                base = tl.load(out_tile, mask=edit, other=0.0)
+                tl.store(out_tile, _edited(base, acc, a_ptr, out_ptr, ROUND_RESIDUAL), mask=edit)
+        else:
+            if HAS_BASE:
+                base = tl.load(base_ptr + t[:, None] * hidden + n[None, :], mask=out_mask, other=0.0)
+            else:
+                if HAS_BIAS:
+                    acc_base += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+                base = acc_base.to(out_ptr.dtype.element_ty)
+            result = base
+            if any_gated:
+                result = tl.where(gated[:, None], _edited(base, acc, a_ptr, out_ptr, ROUND_RESIDUAL), base)
+            tl.store(out_tile, result, mask=out_mask)
 
     # Tile shapes on a GPU, tried once per (D, d) on the first call (outside any CUDA-graph capture:
     # the callers warm up first) and cached by Triton. Gather regime: one token has only d / BLOCK_N
@@ -385,8 +475,17 @@ if HAS_TRITON:
         triton.Config({"BLOCK_T": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_T": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     ]
+    # The interpreter's fixed tiles (small: the CPU interpreter's cost grows with the tile).
+    INTERPRETER_GATHER_TILES = {"BLOCK_N": 32, "BLOCK_K": 32}
+    INTERPRETER_DENSE_TILES = {"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 32}
     _down_proj_gather_tuned = triton.autotune(GATHER_CONFIGS, key=["dim", "hidden"])(_down_proj_gather_kernel)
     _down_proj_dense_tuned = triton.autotune(DENSE_CONFIGS, key=["dim", "hidden"])(_down_proj_dense_kernel)
+    # In place, each candidate's benchmark runs would add the residual again and again: the output
+    # (the given base) is restored after each.
+    _down_proj_gather_tuned_in_place = triton.autotune(GATHER_CONFIGS, key=["dim", "hidden"],
+                                                       restore_value=["out_ptr"])(_down_proj_gather_kernel)
+    _down_proj_dense_tuned_in_place = triton.autotune(DENSE_CONFIGS, key=["dim", "hidden"],
+                                                      restore_value=["out_ptr"])(_down_proj_dense_kernel)
 
     def _kernel_and_tiles(kernel, tuned, small: bool, interpreter_tiles: dict):
         """The kernel to launch and the tile arguments it needs: the interpreter's small fixed tile;
@@ -399,36 +498,45 @@ if HAS_TRITON:
             return kernel, dict(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
         return tuned, {}
 
-    def _launch(a, weight, memory, row_of_token, tokens_per_row, bits, slots, gate, min_overlap, bias, base):
+    def _launch(a, weight, memory, row_of_token, tokens_per_row, bits, slots, gate, min_overlap, bias, base,
+                in_place=False):
         """Runs the gather kernel (up to ``DECODE_MAX_TOKENS`` tokens) or the dense one. ``slots``
         ``None``: sequence r uses ``bits[r]`` and the bool ``gate[r]``; otherwise ``bits[slots[r]]``
-        and the int32 ``gate[r] >= min_overlap``. Returns ``[T, d]`` in ``a``'s dtype."""
+        and the int32 ``gate[r] >= min_overlap``. Returns ``[T, d]`` in ``a``'s dtype: a new tensor,
+        or ``base`` itself written in place (``in_place``: gated rows only)."""
         tokens, dim = a.shape
         hidden = memory.shape[1]
         small = interpreting()  # small tiles keep the CPU interpreter fast
         # The interpreter converts fp32 to bf16 by truncation, not rounding: there the kernel writes
         # fp32 without the intermediate rounding and torch rounds once at the end.
         emulate = small and a.dtype == torch.bfloat16
-        out = torch.empty(tokens, hidden, dtype=torch.float32 if emulate else a.dtype, device=a.device)
+        if in_place and emulate:  # (interpreter only) the rounded result copied back, ungated rows unchanged
+            return base.copy_(_launch(a, weight, memory, row_of_token, tokens_per_row, bits, slots, gate, min_overlap,
+                                      bias, base))
+        if in_place:
+            out = base
+        else:
+            out = torch.empty(tokens, hidden, dtype=torch.float32 if emulate else a.dtype, device=a.device)
         dummy = a  # stands in for absent optional pointers; constexpr flags keep it unread
         args = (a, weight if weight is not None else dummy, memory, row_of_token if row_of_token is not None else dummy,
                 bits, slots if slots is not None else dummy, gate, bias if bias is not None else dummy,
                 base if base is not None else dummy, out, tokens_per_row, min_overlap)
         flags = {"ROWS_BY_DIVISION": row_of_token is None, "ROUTED": slots is not None, "HAS_BASE": base is not None,
-                 "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
+                 "IN_PLACE": in_place, "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
         words = bits.shape[1]
         if tokens <= DECODE_MAX_TOKENS:
-            kernel, tiles = _kernel_and_tiles(_down_proj_gather_kernel, _down_proj_gather_tuned, small,
-                                              {"BLOCK_N": 32, "BLOCK_K": 32})
+            tuned = _down_proj_gather_tuned_in_place if in_place else _down_proj_gather_tuned
+            kernel, tiles = _kernel_and_tiles(_down_proj_gather_kernel, tuned, small, INTERPRETER_GATHER_TILES)
             wrap_triton(kernel)[lambda meta: (tokens, triton.cdiv(hidden, meta["BLOCK_N"]))](
                 *args, dim, hidden, words, **flags, **tiles,
             )
         else:
-            kernel, tiles = _kernel_and_tiles(_down_proj_dense_kernel, _down_proj_dense_tuned, small,
-                                              {"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 32})
+            tuned = _down_proj_dense_tuned_in_place if in_place else _down_proj_dense_tuned
+            kernel, tiles = _kernel_and_tiles(_down_proj_dense_kernel, tuned, small, INTERPRETER_DENSE_TILES)
             grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(hidden, meta["BLOCK_N"]))  # noqa: E731
             wrap_triton(kernel)[grid](
-                *args, tokens, dim, hidden, words, **flags, DOT_FP32=a.dtype == torch.float32 or small, **tiles,
+                *args, tokens, dim, hidden, words, **flags, DOT_FP32=a.dtype == torch.float32 or small,
+                **tiles,
             )
         return out.to(a.dtype) if emulate else out
 
@@ -469,3 +577,22 @@ if HAS_TRITON:
     def _(a, memory, row_of_token, tokens_per_row, bank_bits, index, overlap, min_overlap, base):
         # Explicit, rather than traced through the kernel: the interpreter cannot run on fake tensors.
         return a.new_empty(a.shape[0], memory.shape[1])
+
+    @triton_op("memoir::down_proj_routed_triton_", mutates_args=("base",))
+    def _down_proj_routed_in_place_op(
+        a: torch.Tensor,
+        memory: torch.Tensor,
+        row_of_token: torch.Tensor | None,
+        tokens_per_row: int,
+        bank_bits: torch.Tensor,
+        index: torch.Tensor,
+        overlap: torch.Tensor,
+        min_overlap: int,
+        base: torch.Tensor,
+    ) -> None:
+        _launch(a, None, memory, row_of_token, tokens_per_row, bank_bits, index, overlap, min_overlap, None, base,
+                in_place=True)
+
+    @_down_proj_routed_in_place_op.register_fake
+    def _(a, memory, row_of_token, tokens_per_row, bank_bits, index, overlap, min_overlap, base):
+        return None

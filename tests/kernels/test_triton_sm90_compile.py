@@ -60,11 +60,13 @@ SCRIPT = textwrap.dedent('''
     common = {"a_ptr": "*bf16", "w_ptr": "*bf16", "mem_ptr": "*fp32", "rows_ptr": "*i64", "bits_ptr": "*i64",
               "slot_ptr": "*i64", "gate_ptr": "*i1", "bias_ptr": "*bf16", "base_ptr": "*bf16", "out_ptr": "*bf16",
               "per_row": "i32", "min_overlap": "i32"}
-    flags = {"ROWS_BY_DIVISION": True, "ROUTED": False, "HAS_BASE": False, "HAS_BIAS": True, "ROUND_RESIDUAL": True}
-    # The routed variant (the edited layer's): bank row index[r], int32 overlaps as the gate, base given.
+    flags = {"ROWS_BY_DIVISION": True, "ROUTED": False, "HAS_BASE": False, "IN_PLACE": False, "HAS_BIAS": True,
+             "ROUND_RESIDUAL": True}
+    # The routed variant (the edited layer's): bank row index[r], int32 overlaps as the gate, base given;
+    # out of place and in place (out is base: ungated tiles read and write nothing).
     routed_common = dict(common, gate_ptr="*i32")
     routed = dict(flags, ROUTED=True, HAS_BASE=True, HAS_BIAS=False)
-    for sig, consts in ((common, flags), (routed_common, routed)):
+    for sig, consts in ((common, flags), (routed_common, routed), (routed_common, dict(routed, IN_PLACE=True))):
         for config in down_proj.GATHER_CONFIGS:  # every autotuning candidate
             build(down_proj._down_proj_gather_kernel, dict(sig, dim="i32", hidden="i32", words="i32"),
                   dict(consts, **config.kwargs), config.num_warps, config.num_stages)
