@@ -1,6 +1,7 @@
 """`python -m memoir eval` end to end on a tiny saved model: record selection, report keys, JSON."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -42,11 +43,25 @@ def run_eval(tmp_path, saved_model, *options):
 
 @pytest.mark.parametrize("one_per_subject", [False, True])
 def test_eval_writes_the_protocol_keys_for_the_chosen_stream(tmp_path, saved_model, one_per_subject, capsys):
+    """The protocol's numbers are there and hold values, not just numbers of the right type (a NaN
+    would be a float): shares finite and in [0, 1], each summary score the mean of the per-edit
+    values the same JSON carries, Avg the mean of Rel, Gen and Loc, one per-edit value per --edits,
+    and each overlap ratio a whole number of the top_k = 40 positions."""
     report = run_eval(tmp_path, saved_model, *(["--one-per-subject"] if one_per_subject else []))
-    for key in ("rel", "gen", "loc", "avg", "pre_rel", "pre_gen", "edits", "sec_per_edit", "overlap_edit",
-                "overlap_rephrase", "overlap_unrelated"):
-        assert isinstance(report[key], (int, float)), key
-    assert report["edits"] == 3 and len(report["per_record"]["rel"]) == 3
+    edits = 3  # --edits
+    assert report["edits"] == edits
+    per_edit = report["per_record"]
+    for key in ("rel", "gen", "loc", "avg", "pre_rel", "pre_gen", "overlap_edit", "overlap_rephrase",
+                "overlap_unrelated"):
+        assert isinstance(report[key], float) and math.isfinite(report[key]) and 0 <= report[key] <= 1, key
+    for key in ("rel", "gen", "loc", "overlap_edit", "overlap_rephrase", "overlap_unrelated"):
+        shares = per_edit[key]
+        assert len(shares) == edits and all(math.isfinite(v) and 0 <= v <= 1 for v in shares), key
+        assert report[key] == pytest.approx(math.fsum(shares) / edits, abs=1e-12), key
+    assert report["avg"] == pytest.approx((report["rel"] + report["gen"] + report["loc"]) / 3, abs=1e-12)
+    for values in ("overlap_edit", "overlap_rephrase", "overlap_unrelated"):
+        assert all(abs(v * 40 - round(v * 40)) < 1e-9 for v in per_edit[values]), values
+    assert math.isfinite(report["sec_per_edit"]) and report["sec_per_edit"] > 0
     assert report["skipped_empty_target"] == 1
     if one_per_subject:
         # Alice (0), Sky (3), Bob (5): no edit contradicts another

@@ -358,62 +358,67 @@ def test_register_without_easyedit_says_so(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ SmolLM2
-# EasyEdit's evaluation, as BaseEditor.edit(..., sequential_edit=True) runs it for MEMOIR: requests
-# built by _prepare_requests, pre-edit scores on the raw model, apply_memoir_to_model once per request,
-# then compute_edit_quality on the returned editor (test_prediction_acc, one request at a time, with
-# last_prompt_token_loc_inference for the MEMOIR editor), locality = agreement with pre-edit tokens.
-def _easyedit_prediction(model, tok, hparams, prompt, target, locality=False):
-    prompt_target = tok([f"{prompt} {target}"], padding=True, truncation=True,
-                        max_length=max(hparams.max_length, len(tok.encode(f"{prompt} {target}")) + 1),
-                        return_tensors="pt")
-    prompt_tok = tok([prompt], padding=True, truncation=True, max_length=hparams.max_length, return_tensors="pt")
-    num_prompt = int((prompt_tok["input_ids"][0] != tok.pad_token_id).sum())
-    num_pad = int((prompt_target["input_ids"][0] == tok.pad_token_id).sum())
-    prompt_len = num_pad + num_prompt
+# EasyEdit's sequential protocol for MEMOIR, scored as DESIGN.md section 4 defines it: every record
+# is scored on the raw model, all records are applied one request per apply_memoir_to_model call,
+# then every record is scored on the returned editor. A score reads one row, `question + ' ' +
+# answer`, teacher forced: the argmax at the position before each answer token is the model's guess
+# for that token. Rel / Gen = share of guesses equal to the answer's tokens; Loc = share of guesses
+# equal to the unedited model's guesses. As in the harness, the answer starts after as many tokens
+# as the question has when tokenised alone (cut at max_length), and the editor is told that the
+# question ends one position earlier.
+def _question_and_answer_row(tok, hparams, question, answer):
+    """The tokenised row and the position of its first answer token."""
+    text = f"{question} {answer}"
+    row = tok([text], truncation=True, max_length=max(hparams.max_length, len(tok.encode(text)) + 1),
+              return_tensors="pt")
+    question_ids = tok(question, truncation=True, max_length=hparams.max_length)["input_ids"]
+    return row, len([i for i in question_ids if i != tok.pad_token_id])
+
+
+def _guesses_and_answer(scored, tok, hparams, question, answer):
+    """The model's teacher-forced guess for each answer token, and the answer tokens themselves."""
+    row, first = _question_and_answer_row(tok, hparams, question, answer)
+    routing = {"last_prompt_token_loc_inference": torch.tensor([first - 1])} if isinstance(scored, MEMOIR) else {}
     with torch.no_grad():
-        if isinstance(model, MEMOIR):
-            outputs = model(**prompt_target, last_prompt_token_loc_inference=torch.tensor([prompt_len - 1]))
-        else:
-            outputs = model(**prompt_target)
-    answers = outputs.logits.argmax(dim=-1).squeeze().tolist()[prompt_len - 1 : -1]
-    labels = prompt_target["input_ids"].squeeze().tolist()[prompt_len:]
-    return answers if locality else [float(np.mean(np.equal(answers, labels)))]
+        best = scored(**row, **routing).logits[0].argmax(dim=-1)
+    tokens = row["input_ids"][0]
+    answer_positions = range(first, tokens.shape[0])
+    return [int(best[p - 1]) for p in answer_positions], [int(tokens[p]) for p in answer_positions]
 
 
-def _compute_edit_quality(model, hparams, tok, request):
-    result = {"rewrite_acc": _easyedit_prediction(model, tok, hparams, request["prompt"], request["target_new"]),
-              "rephrase_acc": _easyedit_prediction(model, tok, hparams, request["rephrase_prompt"],
-                                                   request["target_new"]),
-              "locality": {}}
-    for key, loc in request["locality"].items():
-        result["locality"][f"{key}_output"] = _easyedit_prediction(model, tok, hparams, loc["prompt"],
-                                                                   loc["ground_truth"], locality=True)
-    return result
+def _share_equal(left, right):
+    assert len(left) == len(right) > 0
+    return sum(a == b for a, b in zip(left, right, strict=True)) / len(left)
+
+
+def _target_share(scored, tok, hparams, question, answer):
+    return _share_equal(*_guesses_and_answer(scored, tok, hparams, question, answer))
+
+
+def _protocol_scores(scored, tok, hparams, record):
+    """Rel and Gen of one record, and the guesses on its unrelated question (for Loc)."""
+    return {"rel": _target_share(scored, tok, hparams, record["src"], record["alt"]),
+            "gen": _target_share(scored, tok, hparams, record["rephrase"], record["alt"]),
+            "loc_guesses": _guesses_and_answer(scored, tok, hparams, record["loc"], record["loc_ans"])[0]}
 
 
 def _easyedit_sequential(model, tok, hparams, records, loc_prompts):
-    requests = [{"prompt": r["src"], "target_new": r["alt"], "ground_truth": "<|endoftext|>", "portability": {},
-                 "locality": {"neighborhood": {"prompt": r["loc"], "ground_truth": r["loc_ans"]}},
-                 "loc_prompt": loc_prompts[i], "rephrase_prompt": r["rephrase"]} for i, r in enumerate(records)]
-    metrics = [{"pre": _compute_edit_quality(model, hparams, tok, request)} for request in requests]
-    for request in requests:
-        edited_model, weights_copy = apply_memoir_to_model(model, tok, [request], hparams, copy=False,
-                                                           return_orig_weights=True, keep_original_weight=False,
-                                                           train_ds=None)
-    for metric, request in zip(metrics, requests, strict=True):
-        metric["post"] = _compute_edit_quality(edited_model, hparams, tok, request)
-        post, pre = metric["post"]["locality"], metric["pre"]["locality"]
-        post["neighborhood_acc"] = [float(np.mean(np.equal(post.pop("neighborhood_output"),
-                                                           pre["neighborhood_output"])))]
-    summary = {name: float(np.mean([m["post"][key] for m in metrics]))
-               for name, key in (("rel", "rewrite_acc"), ("gen", "rephrase_acc"))}
-    summary["loc"] = float(np.mean([m["post"]["locality"]["neighborhood_acc"] for m in metrics]))
-    summary["pre_rel"] = float(np.mean([m["pre"]["rewrite_acc"] for m in metrics]))
-    summary["pre_gen"] = float(np.mean([m["pre"]["rephrase_acc"] for m in metrics]))
-    summary["per_record"] = {"rel": [m["post"]["rewrite_acc"][0] for m in metrics],
-                             "gen": [m["post"]["rephrase_acc"][0] for m in metrics],
-                             "loc": [m["post"]["locality"]["neighborhood_acc"][0] for m in metrics]}
-    return summary, edited_model, weights_copy
+    """Runs the protocol; returns the means, per-record Rel / Gen / Loc, the editor and its restorer."""
+    before = [_protocol_scores(model, tok, hparams, record) for record in records]
+    for i, record in enumerate(records):  # the request shape EasyEdit hands to apply_memoir_to_model
+        request = {"prompt": record["src"], "target_new": record["alt"], "ground_truth": "<|endoftext|>",
+                   "rephrase_prompt": record["rephrase"], "loc_prompt": loc_prompts[i], "portability": {},
+                   "locality": {"neighborhood": {"prompt": record["loc"], "ground_truth": record["loc_ans"]}}}
+        editor, restore = apply_memoir_to_model(model, tok, [request], hparams, copy=False, return_orig_weights=True,
+                                                keep_original_weight=False, train_ds=None)
+    after = [_protocol_scores(editor, tok, hparams, record) for record in records]
+    per_record = {"rel": [scores["rel"] for scores in after], "gen": [scores["gen"] for scores in after],
+                  "loc": [_share_equal(edited["loc_guesses"], unedited["loc_guesses"])
+                          for edited, unedited in zip(after, before, strict=True)]}
+    summary = {name: float(np.mean(values)) for name, values in per_record.items()}
+    summary |= {"pre_rel": float(np.mean([scores["rel"] for scores in before])),
+                "pre_gen": float(np.mean([scores["gen"] for scores in before])), "per_record": per_record}
+    return summary, editor, restore
 
 
 @pytest.mark.slow

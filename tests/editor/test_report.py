@@ -1,7 +1,7 @@
 """The evaluation report: Markdown summary and PNG plots written from the eval JSON alone."""
 
 import json
-import math
+import re
 
 import pytest
 
@@ -73,11 +73,21 @@ def test_threshold_sweep_adds_a_table_and_a_plot(tmp_path):
 
 
 def test_missing_values_read_as_na():
+    """NaN (a loaded memory has no editing time; a score that could not be computed) and absent
+    keys read as n/a, never as "nan", and poison only their own cells: the Avg made from a NaN
+    score is n/a too, while the cells around it still show their own numbers."""
     report = synthetic_report()
     report["sec_per_edit"] = float("nan")  # a loaded memory: no editing time
-    del report["per_record"], report["curve"]
+    report["gen"] = float("nan")
+    del report["per_record"], report["curve"], report["avg"], report["pre_gen"]
     text = summary_markdown(report)
-    assert "n/a s per edit" in text and not any(math.isnan(v) for v in (report["rel"],))
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE)
+    assert "n/a s per edit" in text
+    assert "| Gen | n/a | n/a |" in text
+    assert f"| Rel | {report['pre_rel']:.3f} | {report['rel']:.3f} |" in text
+    assert "| Avg | n/a | n/a |" in text  # before: pre_gen absent; after: gen NaN
+    assert f"median {report['median_sec_per_edit']:.2f} s" in text
+    assert "## Scores as edits accumulate" not in text  # no curve, no empty section
 
 
 def test_report_from_a_results_file_via_the_cli(tmp_path, capsys):

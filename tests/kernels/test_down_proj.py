@@ -22,15 +22,50 @@ def _inputs(tokens=7, dim=70, hidden=33, rows=3, dtype=torch.float32):
     return a, weight, memory, row_of_token, masks, gate, bias
 
 
+def _set_positions(words, dim):
+    """Positions set in one packed mask, read bit by bit from its int64 words as _bits.py lays them
+    out (position j is bit j % 64 of word j // 64), without the package's unpacking."""
+    positions = []
+    for w, word in enumerate(words):
+        pattern = int(word) % (1 << 64)  # the word's two's-complement bits as a non-negative int
+        positions += [64 * w + b for b in range(64) if (pattern >> b) & 1]
+    assert all(j < dim for j in positions), "padding bits past D must be zero"
+    return positions
+
+
+def _naive_edited_output(a, memory, base, row_of_token, words_of_row, gated_rows):
+    """Float64 oracle, one token at a time: out[t] = base[t] plus, when the token's row r is gated,
+    the sum of a[t, j] * memory[j, :] over the positions j of row r's mask (``words_of_row[r]``, the
+    packed words). Shares nothing with the package but the bit layout."""
+    a64, memory64 = a.double().cpu(), memory.double().cpu()
+    out = base.double().cpu().clone()
+    if torch.is_tensor(row_of_token):
+        rows = [int(r) for r in row_of_token]
+    else:  # an int L: sequences of L tokens
+        rows = [t // row_of_token for t in range(a.shape[0])]
+    for t, r in enumerate(rows):
+        if not gated_rows[r]:
+            continue
+        for j in _set_positions(words_of_row[r], a.shape[1]):
+            out[t] += a64[t, j] * memory64[j]
+    return out
+
+
+def _assert_fp32_matches_oracle(got, oracle):
+    """fp32 result against the float64 oracle: sums of a few dozen O(1) products, so fp32 rounding
+    stays far below 1e-4; a wrong or missing column moves a value by O(1)."""
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), oracle, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", [memoir_down_proj, memoir_down_proj_reference], ids=["dispatch", "reference"])
-def test_matches_dense_formula(impl):
+def test_matches_naive_oracle(impl):
+    """Against the float64 per-token oracle, base W0 a + bias computed in float64 too."""
     a, weight, memory, rows, masks, gate, bias = _inputs()
-    y = impl(a, weight, memory, rows, pack_bits(masks), gate, bias)
-    expected = a @ weight.T + bias
-    for t in range(a.shape[0]):
-        if gate[rows[t]]:
-            expected[t] += (a[t] * masks[rows[t]]) @ memory
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    bits = pack_bits(masks)
+    y = impl(a, weight, memory, rows, bits, gate, bias)
+    base64 = a.double() @ weight.double().T + bias.double()
+    _assert_fp32_matches_oracle(y, _naive_edited_output(a, memory, base64, rows, bits.tolist(), gate.tolist()))
 
 
 def test_ungated_tokens_equal_the_base_product_exactly():
@@ -54,13 +89,15 @@ def test_bad_shapes_raise():
 
 
 def test_reference_with_precomputed_base_keeps_ungated_rows_exact():
+    """A given base is used as it is: ungated rows are it bit for bit, gated rows it plus the
+    residual of the naive oracle (W0 and the bias are not read)."""
     a, weight, memory, rows, masks, gate, bias = _inputs()
     base = torch.nn.functional.linear(a, weight, bias) + 0.5  # any base: ungated rows must be it, bit for bit
-    y = memoir_down_proj(a, None, memory, rows, pack_bits(masks), gate, base=base)
+    bits = pack_bits(masks)
+    y = memoir_down_proj(a, None, memory, rows, bits, gate, base=base)
     ungated = ~gate[rows]
     assert torch.equal(y[ungated], base[ungated])
-    expected = memoir_down_proj_reference(a, weight, memory, rows, pack_bits(masks), gate, bias) + 0.5
-    torch.testing.assert_close(y, expected)
+    _assert_fp32_matches_oracle(y, _naive_edited_output(a, memory, base, rows, bits.tolist(), gate.tolist()))
 
 
 # ------------------------------------------------------------------------ Triton kernel (interpreter on CPU)
@@ -136,14 +173,16 @@ def _routed_inputs(tokens_per_row, rows=4, dim=70, hidden=33, bank=5, dtype=torc
                          ids=["dispatch", "reference"])
 @pytest.mark.parametrize("min_overlap", [0, 9, 16])
 def test_routed_is_down_proj_of_the_gathered_masks(impl, min_overlap):
-    """Routed == memoir_down_proj with bits = bank[index] and gate = overlap >= min_overlap."""
+    """Sequence r uses stored mask index[r], gated by overlap[r] >= min_overlap: against the float64
+    oracle given those masks and gates by hand (min_overlap 0 gates every row, 16 none)."""
     a, _, _, memory, bank_bits, index, overlap, base = _routed_inputs(tokens_per_row=3)
     got = impl(a, memory, 3, bank_bits, index, overlap, min_overlap, base=base)
-    gate = overlap >= min_overlap
-    want = memoir_down_proj_reference(a, None, memory, 3, bank_bits[index], gate, base=base)
-    assert torch.equal(got, want)
-    rows = torch.arange(a.shape[0]) // 3
-    assert torch.equal(got[~gate[rows]], base[~gate[rows]])
+    bank = bank_bits.tolist()
+    words_of_row = [bank[i] for i in index.tolist()]
+    gated_rows = [o >= min_overlap for o in overlap.tolist()]
+    _assert_fp32_matches_oracle(got, _naive_edited_output(a, memory, base, 3, words_of_row, gated_rows))
+    ungated = ~torch.tensor(gated_rows).repeat_interleave(3)
+    assert torch.equal(got[ungated], base[ungated])
 
 
 def test_routed_empty_bank_is_the_base_output():
