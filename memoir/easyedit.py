@@ -405,7 +405,9 @@ class MEMOIR:
             raise TypeError("MEMOIR needs the model's tokenizer: MEMOIR(config, model, tokenizer=tok)")
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.layer = config.target_module
-        self.layer_name = self.layer.rsplit(".", 1)[-1]
+        # The module's own name, the last part of its dotted path ("down_proj"), an attribute the
+        # reference editor object also has; a name without a dot stays whole (rpartition's third slot).
+        self.layer_name = self.layer.rpartition(".")[2]
         existing = getattr(model, "_memoir_editor", None)
         if isinstance(existing, MemoirEditor):
             self.editor = existing
