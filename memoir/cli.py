@@ -115,7 +115,7 @@ def cmd_eval(args) -> int:
     editor = load(model, tokenizer, args.load_memory) if args.load_memory else attach(model, tokenizer,
                                                                                        _config_from_args(args))
     if args.load_memory and args.irr_threshold is not None:
-        editor.layer.irr_threshold = editor.config.irr_threshold = args.irr_threshold
+        editor.set_threshold(args.irr_threshold)
     background = [] if args.no_background else background_sentences(loc_records, editor.config.num_background)
     report = evaluate_sequential(editor, edits, background,
                                  progress=not args.quiet, apply_edits=not args.load_memory,

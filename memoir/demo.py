@@ -72,7 +72,7 @@ def run_demo(data_path: str, num_edits: int = 4) -> int:
     gen = teacher_forced(editor, [r["rephrase"] for r in edits], targets)
     locs, answers = [r["loc"] for r in edits], [r["loc_ans"] for r in edits]
     loc_after = teacher_forced(editor, locs, answers)
-    with editor._layer_mode("off"):
+    with editor.unedited():
         loc_before = teacher_forced(editor, locs, answers)
     loc = [float((a == b).float().mean()) for a, b in zip(loc_after.predictions, loc_before.predictions, strict=True)]
     mean = lambda values: sum(values) / len(values)  # noqa: E731

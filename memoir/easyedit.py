@@ -444,7 +444,6 @@ class MEMOIR:
                                  f"these hyper-parameters ask for {getattr(wanted, name)!r} (call reset_layer() first)")
         if wanted != current:
             self.editor.config = wanted
-            self.editor.layer.irr_threshold = float(wanted.irr_threshold)
 
     @property
     def memoir_editor(self) -> MemoirEditor:

@@ -109,17 +109,16 @@ class MemoirEditor:
         target = get_submodule(model, config.target_module)
         if isinstance(target, MemoirLayer):
             raise RuntimeError(f"{config.target_module} is already a MemoirLayer")
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model, self.tokenizer = model, tokenizer
         self.layer = MemoirLayer(target, config.top_k, config.irr_threshold, config.key_aggregation, config.seed,
                                  config.memory_dtype)
+        self._settings = config.replace(irr_threshold=None)  # tau lives in the layer alone (see config)
         self.context_prefixes: list[str] | None = None
         self.num_edits = 0
         self.history: list[EditResult] = []
         self.registry = EditRegistry()
         self._warned_unrecorded = False
-        self._end_id = answer_end_id(model, tokenizer, config)  # taught after each target, or None
-        # The chat-templated turn is trained too when asked for and the tokenizer has a template.
-        self._chat_rows = bool(config.train_chat) and getattr(tokenizer, "chat_template", None) is not None
+        self._derive_from_settings()
         self._routing = RoutingState()
         self._gate = ReadWriteGate()  # forward calls read the memory; edits change it (memoir.concurrency)
         self._open_reads = threading.local()
@@ -196,7 +195,7 @@ class MemoirEditor:
         return args, kwargs
 
     def _plan_call(self, args, kwargs, prompt_lengths) -> None:
-        if self.layer.mode != "route":
+        if not self.layer.routing:
             return
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -213,7 +212,7 @@ class MemoirEditor:
     def _after_forward(self, _module, _args, _output):
         # Registered with always_call: runs after a forward that raised, too, so the read is left.
         try:
-            if self.layer.mode == "route":
+            if self.layer.routing:
                 self._routing.finish()
                 self.layer.call = None
         finally:
@@ -224,21 +223,49 @@ class MemoirEditor:
             self._open_reads.count -= 1
             self._gate.exit_read()
 
+    # ------------------------------------------------------------------------------- settings
+    @property
+    def config(self) -> MemoirConfig:
+        """This memory's settings; ``irr_threshold`` is the layer's tau, the one place it is kept."""
+        return self._settings.replace(irr_threshold=self.layer.irr_threshold)
+
+    @config.setter
+    def config(self, config: MemoirConfig) -> None:
+        """Change the settings that may change on a stored memory (tau, steps, lr, decay, rehearsal...);
+        the memory's shape (``target_module``, ``top_k``, ``key_aggregation``, ``seed``) must stay."""
+        for name in ("target_module", "top_k", "key_aggregation", "seed", "memory_dtype"):
+            if getattr(config, name) != getattr(self._settings, name):
+                raise ValueError(f"{name} cannot change on an attached memory ({getattr(self._settings, name)!r} "
+                                 f"-> {getattr(config, name)!r}): detach and attach a new editor")
+        self.set_threshold(config.irr_threshold)
+        self._settings = config.replace(irr_threshold=None)
+        self._derive_from_settings()
+
+    def _derive_from_settings(self) -> None:
+        settings = self._settings
+        self._end_id = answer_end_id(self.model, self.tokenizer, settings)  # taught after each target, or None
+        # The chat-templated turn is trained too when asked for and the tokenizer has a template.
+        self._chat_rows = bool(settings.train_chat) and getattr(self.tokenizer, "chat_template", None) is not None
+
+    def set_threshold(self, tau: float) -> None:
+        """Route a prompt to the memory when its overlap ratio with the nearest stored mask is >= ``tau``."""
+        MemoirConfig(irr_threshold=tau)  # the same checks as the config's
+        with self._gate.write():
+            self.layer.irr_threshold = float(tau)
+            self._routing.reset()
+
     # ------------------------------------------------------------------------------- editing
     @property
     def device(self) -> torch.device:
         return self.layer.memory.device
 
     @contextlib.contextmanager
-    def _layer_mode(self, mode: str):
-        with self._gate.write():  # other threads' forward calls must not see the mode change
-            previous = self.layer.mode
-            self.layer.mode = mode
-            try:
-                yield
-            finally:
-                self.layer.mode = previous
-                self.layer.call = None
+    def unedited(self):
+        """Within the block the model is the original one (the memory is off), e.g. to compare
+        ``editor.generate`` before and after; other threads' forward calls wait until it ends."""
+        self._require_attached()
+        with self._gate.write(), self.layer.disabled():
+            yield
 
     @contextlib.contextmanager
     def _frozen_model(self):
@@ -262,7 +289,7 @@ class MemoirEditor:
         if self.context_prefixes is None:
             from .persistence import layer_fingerprint
 
-            with self._layer_mode("off"), self._frozen_model():
+            with self.unedited(), self._frozen_model():
                 self.context_prefixes = cached_context_prefixes(self.model, self.tokenizer, self.config,
                                                                 layer_fingerprint(self.layer.base_layer))
         return self.context_prefixes
@@ -313,17 +340,17 @@ class MemoirEditor:
         from .routing import prompt_window
         from .tokens import batch_prompt_target
 
-        self.layer.collected = []
-        with self._layer_mode("collect"), self._frozen_model():
-            for start in range(0, len(texts), batch_size):
-                chunk = texts[start : start + batch_size]
-                batch = batch_prompt_target(self.tokenizer, chunk, [""] * len(chunk)).to(self.device)
-                self.layer.call = _window_context(prompt_window(batch.attention_mask, None))
-                with contextlib.suppress(StopForward):
-                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        keys = torch.cat(self.layer.collected)
-        self.layer.collected = []
-        return keys
+        with self._gate.write(), self.layer.collecting() as keys, self._frozen_model():
+            try:
+                for start in range(0, len(texts), batch_size):
+                    chunk = texts[start : start + batch_size]
+                    batch = batch_prompt_target(self.tokenizer, chunk, [""] * len(chunk)).to(self.device)
+                    self.layer.call = _window_context(prompt_window(batch.attention_mask, None))
+                    with contextlib.suppress(StopForward):
+                        self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            finally:
+                self.layer.call = None
+        return torch.cat(keys)
 
     def edit(self, prompt: str, target: str) -> EditResult:
         """Write one fact: after it, ``prompt`` (and its paraphrases) continue with ``target``.

@@ -177,7 +177,7 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
     locs = [r["loc"] for r in records]
     loc_answers = [r["loc_ans"] for r in records]
 
-    with editor._layer_mode("off"):  # the unedited model, whatever the memory holds already
+    with editor.unedited():  # the unedited model, whatever the memory holds already
         pre_rel = teacher_forced(editor, prompts, targets)
         pre_gen = teacher_forced(editor, rephrases, targets)
         loc_before = teacher_forced(editor, locs, loc_answers)
@@ -252,7 +252,7 @@ def chat_scores(editor, records: list[dict]) -> dict:
     srcs, rephrases, locs = ([t(r) for r in records] for t in template)
     targets, loc_answers = [r["alt"] for r in records], [r["loc_ans"] for r in records]
     # The assistant's answer starts its turn right after the template's header: no space before it.
-    with editor._layer_mode("off"):
+    with editor.unedited():
         loc_before = teacher_forced(editor, locs, loc_answers, separator="").predictions
     rel = teacher_forced(editor, srcs, targets, route_prompts=[r["src"] for r in records], separator="")
     gen = teacher_forced(editor, rephrases, targets, route_prompts=[r["rephrase"] for r in records], separator="")

@@ -118,7 +118,7 @@ def generation_scores(editor, records: list[dict], chat: bool = False, examples:
     rel_ids, gen_ids = _target_ids(tokenizer, srcs, targets, gap), _target_ids(tokenizer, rephrases, targets, gap)
     loc_budgets = [len(ids) + AFTER_TARGET
                    for ids in _target_ids(tokenizer, locs, [r["loc_ans"] for r in records], gap)]
-    with editor._layer_mode("off"):
+    with editor.unedited():
         unedited_loc = _greedy(editor, locs, loc_budgets)
     rel_out = _greedy(editor, srcs, [len(ids) + AFTER_TARGET for ids in rel_ids], routes["src"])
     gen_out = _greedy(editor, rephrases, [len(ids) + AFTER_TARGET for ids in gen_ids], routes["rephrase"])
@@ -130,7 +130,7 @@ def generation_scores(editor, records: list[dict], chat: bool = False, examples:
     rel = [classify_continuation(o, t, end_ids, decode) for o, t in zip(rel_out, rel_ids, strict=True)]
     gen = [classify_continuation(o, t, end_ids, decode) for o, t in zip(gen_out, gen_ids, strict=True)]
     exact = [c for c in rel + gen if c.exact]
-    with editor._layer_mode("off"):
+    with editor.unedited():
         before = _greedy(editor, srcs[:examples], [len(ids) + AFTER_TARGET for ids in rel_ids[:examples]])
     return {
         "gen_exact_rel": _share(c.exact for c in rel),

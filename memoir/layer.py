@@ -10,6 +10,7 @@ with W_m stored ``[D, d]`` (a selected column is one contiguous row).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass
@@ -20,21 +21,24 @@ import torch.nn as nn
 from memoir_kernels import (
     inverse_permutation,
     mask_search,
+    masked_residual,
     memoir_down_proj_routed,
     num_words,
     prompt_keys,
     tophash,
     tophash_from_keys,
+    tophash_residual,
     unpack_bits,
 )
+from memoir_kernels.backend import resolve_backend
 
-__all__ = ["MemoirLayer", "RouteDecision", "CallContext", "layer_dims"]
+__all__ = ["MemoirLayer", "RouteDecision", "CallContext", "TrainingPass", "Capture", "layer_dims"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class StopForward(Exception):
-    """Raised by the layer in collect mode: nothing above the edited layer is needed."""
+    """Raised by the layer while collecting keys: nothing above the edited layer is needed."""
 
 
 @dataclass
@@ -74,6 +78,48 @@ class CallContext:
     decision: RouteDecision | None = None  # filled by the layer when it decides
 
 
+class TrainingPass:
+    """What one edit's training forward needs (see :meth:`MemoirLayer.training_pass`).
+
+    ``bits`` ``[1, W]``: the edit's mask, the TopHash of row 0's prompt tokens, set on the first
+    forward (the activations entering the layer do not depend on the memory, so it never changes
+    during the edit); ``rehearsal_bits`` ``[R, W]``: the stored masks of the batch's last R rows
+    (rehearsed edits), or ``None``.
+    """
+
+    def __init__(self, rehearsal_bits: torch.Tensor | None = None) -> None:
+        self.bits: torch.Tensor | None = None
+        self.rehearsal_bits = rehearsal_bits
+        # With the fused kernel (a GPU backend): the edit's key [D] fp32, from which the kernel
+        # selects the mask inside the product; None on the PyTorch path.
+        self.key: torch.Tensor | None = None
+        self._masks: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def rehearsed_rows(self) -> int:
+        return 0 if self.rehearsal_bits is None else self.rehearsal_bits.shape[0]
+
+    def masks(self, rows: int, dim: int) -> torch.Tensor:
+        """Unpacked masks of a batch of ``rows`` rows: ``[1, D]`` (one mask for every row) or, with
+        rehearsed rows at the end of the batch, ``[rows, D]`` (each of those its stored mask)."""
+        if self._masks is None or self._masks[0] != rows:
+            own = unpack_bits(self.bits, dim)
+            if self.rehearsal_bits is not None:
+                own = torch.cat([own.expand(rows - self.rehearsed_rows, -1), unpack_bits(self.rehearsal_bits, dim)])
+            self._masks = (rows, own)
+        return self._masks[1]
+
+
+class Capture:
+    """The edited layer's input ``[B, T, D]`` recorded by a forward under :meth:`MemoirLayer.capturing`."""
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+
+
+_OFF = "off"  # the activity of a layer inside MemoirLayer.disabled()
+
+
 def layer_dims(module: nn.Module) -> tuple[int, int, bool]:
     """``(D, d, transposed)`` of a Linear (weight [d, D]) or GPT-2 Conv1D (weight [D, d])."""
     if isinstance(module, nn.Linear):
@@ -85,11 +131,18 @@ def layer_dims(module: nn.Module) -> tuple[int, int, bool]:
 
 
 class MemoirLayer(nn.Module):
-    """Wraps the edited projection; holds the memory, the permutation, the mask bank and mu.
+    """Wraps the edited projection and holds the memory's state.
 
-    Modes: ``route`` (inference: route each sequence, the default), ``off`` (original layer),
-    ``train`` (one mask for every token, gate on: the editing forward), ``collect`` (record prompt
-    keys, then stop the forward), ``capture`` (keep the input, return the original output).
+    State: ``base_layer`` (the original module), ``memory`` (W_m ``[D, d]``), ``permutation``
+    (``[D]``), the mask bank (``bank_bits`` ``[N, W]``, ``num_masks``), ``row_active`` (``[N]``
+    bool or ``None``), mu (``background_mean`` ``[D]``, ``has_background``) and the routing
+    settings ``top_k``, ``irr_threshold`` (tau: the one place it is stored) and
+    ``key_aggregation``. Per forward call, per thread: ``call`` and ``last_decision``.
+
+    A forward routes each sequence (inference) unless one of the context managers, which always
+    restore what was there before, says otherwise: :meth:`disabled` (the original layer),
+    :meth:`capturing` (record the input, return the original output), :meth:`collecting` (record
+    prompt keys, then stop the forward) and :meth:`training_pass` (one edit's training forward).
     """
 
     def __init__(self, base_layer: nn.Module, top_k: int, irr_threshold: float, key_aggregation: str,
@@ -114,18 +167,15 @@ class MemoirLayer(nn.Module):
         self._bank_rows = 0
         self.register_buffer("background_mean", torch.zeros(dim, device=weight.device), persistent=False)
         self.has_background = False
-        self.mode = "route"
+        # None: route (inference). Otherwise what the innermost context manager set: _OFF, a
+        # Capture, a list collecting keys, or a TrainingPass.
+        self._activity: object | None = None
         # Per-call state lives per thread: concurrent forward calls never see each other's
         # prompt windows or decisions (a threading.local, which torch.compile can trace).
         self._per_thread = threading.local()
-        self.train_bits: torch.Tensor | None = None  # [1, W] mask of the edit being trained
-        # [R, W] stored masks of the last R rows of the training batch (rehearsed edits), or None.
-        self.rehearsal_bits: torch.Tensor | None = None
         # [N] bool, False for a withdrawn bank row (the editor keeps it in step with the registry);
         # None when every row routes, so the routed forward pays nothing for it.
         self.row_active: torch.Tensor | None = None
-        self.collected: list[torch.Tensor] = []
-        self.captured_input: torch.Tensor | None = None
         self._inverse: tuple[tuple, torch.Tensor] | None = None  # (permutation's identity, its inverse)
 
     # ------------------------------------------------------------------------- state dict
@@ -191,25 +241,68 @@ class MemoirLayer(nn.Module):
         return f"D={self.in_features}, d={self.out_features}, top_k={self.top_k}, tau={self.irr_threshold}, masks={self.num_masks}"
 
     # ----------------------------------------------------------------------------------- forward
+    # ------------------------------------------------------------------------------ activities
+    @property
+    def routing(self) -> bool:
+        """True when a forward routes (no context manager of this layer is active)."""
+        return self._activity is None
+
+    @contextlib.contextmanager
+    def _active(self, activity):
+        previous, self._activity = self._activity, activity
+        try:
+            yield activity
+        finally:
+            self._activity = previous
+
+    def disabled(self):
+        """Context manager: within it the layer is the original module (the memory is off)."""
+        return self._active(_OFF)
+
+    def capturing(self):
+        """Context manager yielding a :class:`Capture`: a forward records the layer's input in it and
+        returns the original output."""
+        return self._active(Capture())
+
+    def collecting(self):
+        """Context manager yielding a list: each forward appends its prompt keys ``[B, D]`` (without
+        mu) and stops with :class:`StopForward` (nothing above this layer is needed)."""
+        return self._active([])
+
+    @contextlib.contextmanager
+    def training_pass(self, window: torch.Tensor, rehearsal_bits: torch.Tensor | None = None):
+        """Context manager yielding a :class:`TrainingPass`: a forward adds the residual with the
+        edit's mask (from row 0's prompt tokens, ``window [B, T]`` bool) to every token, or for the
+        last ``R`` rows with ``rehearsal_bits [R, W]``; this thread's call context is restored."""
+        previous_call, self.call = self.call, CallContext(window=window)
+        try:
+            with self._active(TrainingPass(rehearsal_bits)) as session:
+                yield session
+        finally:
+            self.call = previous_call
+
+    # ----------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.mode == "off":
+        activity = self._activity
+        if activity is _OFF:
             return out
         acts = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
-        if self.mode == "capture":
-            self.captured_input = acts.detach()
+        if isinstance(activity, Capture):
+            activity.input = acts.detach()
             return out
-        if self.mode == "collect":
-            self.collected.append(prompt_keys(acts, self._window(acts), None))
+        if isinstance(activity, list):
+            activity.append(prompt_keys(acts, self._window(acts), None))
             raise StopForward
-        if self.mode == "train":
-            return out + self.residual(acts, self._train_masks(acts)).view_as(out)
+        if isinstance(activity, TrainingPass):
+            return out + self.training_residual(activity, acts).view_as(out)
         if self.num_masks == 0:  # a shape, not a device value: no host sync
             return out
         decision = self._decide(acts)
         if self.memory.requires_grad and torch.is_grad_enabled():
             # Differentiable path (the kernels have no backward): same formula with autograd ops.
-            residual = self.residual(acts, unpack_bits(decision.bits, self.in_features)).view_as(out)
+            masks = unpack_bits(decision.bits, self.in_features).unsqueeze(1)
+            residual = masked_residual(acts, self.memory, masks).view_as(out)
             gate = decision.gate.view(-1, *([1] * (out.dim() - 1))) if x.dim() == 3 else decision.gate
             # where() rather than out + gate * residual: an ungated row stays exactly the base output.
             return torch.where(gate, out + residual, out)
@@ -225,10 +318,38 @@ class MemoirLayer(nn.Module):
         return edited.view_as(out)
 
     # ----------------------------------------------------------------------------------- helpers
-    def residual(self, acts: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """(m ⊙ a) @ W_m in the memory's precision; ``masks`` [B or 1, D] bool, acts [B, T, D]."""
-        masked = acts.to(self.memory.dtype) * masks.unsqueeze(1).to(self.memory.dtype)
-        return (masked @ self.memory).to(acts.dtype)
+    def training_residual(self, session: TrainingPass, acts: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d]`` residual of a training forward on ``acts [B, T, D]``, differentiable in W_m.
+
+        Where the fused kernel runs (the Triton backend: GPUs), the edit's own rows take it, the
+        mask selected from the edit's key inside the product; the rehearsed rows (stored masks)
+        and the CPU path take the PyTorch masked product.
+        """
+        if session.bits is None:
+            self._begin_training(session, acts)
+        if session.key is None:
+            masks = session.masks(acts.shape[0], self.in_features).unsqueeze(1)
+            return masked_residual(acts, self.memory, masks)
+        rows, tokens = acts.shape[:2]
+        own = rows - session.rehearsed_rows
+        head = tophash_residual(session.key, self.permutation, self.top_k, acts[:own].reshape(-1, self.in_features),
+                                self.memory, inverse_perm=self._inverse_permutation()).view(own, tokens, -1)
+        if not session.rehearsed_rows:
+            return head
+        stored = unpack_bits(session.rehearsal_bits, self.in_features).unsqueeze(1)
+        return torch.cat([head, masked_residual(acts[own:], self.memory, stored)])
+
+    def _begin_training(self, session: TrainingPass, acts: torch.Tensor) -> None:
+        # The edit's mask comes from row 0's prompt tokens on the first forward; the activations
+        # entering this layer do not depend on the memory, so it never changes during the edit.
+        if resolve_backend("tophash_residual", acts.device) != "triton":
+            session.bits = self.edit_mask(acts)
+            return
+        # The stored mask and the fused kernel's selection come from the same key with the same
+        # tie rule, so what is trained is exactly what is stored.
+        window = self._window(acts)
+        session.key = prompt_keys(acts[:1], None if window is None else window[:1], self._mu())[0]
+        session.bits = self.mask_from_key(session.key[None])
 
     def _window(self, acts: torch.Tensor) -> torch.Tensor | None:
         """``[B, T]`` bool tokens that enter the key, or ``None`` for every token (the ops take
@@ -270,22 +391,6 @@ class MemoirLayer(nn.Module):
         """Packed mask ``[1, W]`` of an edit: TopHash of row 0's prompt tokens (the raw prompt)."""
         window = self._window(acts)
         return self.query_bits(acts[:1], None if window is None else window[:1])
-
-    def _train_masks(self, acts: torch.Tensor) -> torch.Tensor:
-        # The edit's mask comes from row 0 on the first forward of the edit; the activations
-        # entering this layer do not depend on the memory, so it never changes later.
-        if self.train_bits is None:
-            self.train_bits = self.edit_mask(acts)
-        return self.training_masks(acts.shape[0])
-
-    def training_masks(self, rows: int) -> torch.Tensor:
-        """Unpacked masks of a training batch of ``rows`` rows: ``[1, D]`` (one mask for every row)
-        or, with rehearsed rows at the end of the batch, ``[rows, D]`` (each those its stored mask)."""
-        own = unpack_bits(self.train_bits, self.in_features)
-        if self.rehearsal_bits is None:
-            return own
-        stored = unpack_bits(self.rehearsal_bits, self.in_features)
-        return torch.cat([own.expand(rows - stored.shape[0], -1), stored])
 
     def _decide(self, acts: torch.Tensor) -> RouteDecision:
         call = self.call

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .config import MemoirConfig
 from .head_loss import linear_cross_entropy, loss_dtype, row_mean_weights
-from .layer import CallContext, MemoirLayer
+from .layer import MemoirLayer, TrainingPass
 from .tokens import TokenBatch, batch_prompt_target, chat_prompt, pad_id_of
 
 __all__ = ["EditResult", "generate_context_prefixes", "cached_context_prefixes", "prefix_cache_path", "edit_prompts", "edit_rows", "build_edit_batch", "answer_end_id", "optimise_edit", "BlockStack",
@@ -209,21 +209,19 @@ class _FastLoss(_PlainLoss):
     """
 
     def __init__(self, model: nn.Module, batch: TokenBatch, stack: BlockStack, layer: MemoirLayer,
-                 row_weights: torch.Tensor | None = None) -> None:
+                 session: TrainingPass, row_weights: torch.Tensor | None = None) -> None:
         super().__init__(model, batch, row_weights)
         self.stack, self.layer = stack, layer
-        self.args, self.kwargs, self.block_output = self._capture()
-        self.acts = layer.captured_input
-        layer.captured_input = None
-        layer.train_bits = layer.edit_mask(self.acts)
-        self.masks = layer.training_masks(batch.input_ids.shape[0])
+        self.session = session
+        self.args, self.kwargs, self.block_output, self.acts = self._capture()
         self.needed_tokens, self.loss_tokens = self._token_selection()
         self.token_weights = row_mean_weights(self.rows, batch.input_ids.shape[0], loss_dtype(self.acts.dtype),
                                               row_weights)
         self.logits_buffer: torch.Tensor | None = None
 
     @torch.no_grad()
-    def _capture(self) -> tuple[tuple, dict, torch.Tensor]:
+    def _capture(self) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:
+        """The edited block's inputs (args, kwargs), its output and the edited layer's input."""
         captured = {}
 
         def grab_input(_module, args, kwargs):
@@ -236,18 +234,15 @@ class _FastLoss(_PlainLoss):
         block = self.stack.blocks[self.stack.start]
         handles = [block.register_forward_pre_hook(grab_input, with_kwargs=True),
                    block.register_forward_hook(grab_output)]
-        previous, self.layer.mode = self.layer.mode, "capture"
         try:
-            self.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
-        except _Captured:
-            pass
+            with self.layer.capturing() as capture, contextlib.suppress(_Captured):
+                self.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
         finally:
-            self.layer.mode = previous
             for handle in handles:
                 handle.remove()
-        if "output" not in captured or self.layer.captured_input is None:
+        if "output" not in captured or capture.input is None:
             raise RuntimeError("the edited block was not reached by the forward pass")
-        return captured["args"], captured["kwargs"], captured["output"]
+        return captured["args"], captured["kwargs"], captured["output"], capture.input
 
     def _token_selection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat ``row * L + position`` indices of the tokens whose MLP output can reach the loss.
@@ -265,7 +260,7 @@ class _FastLoss(_PlainLoss):
         kwargs = dict(self.kwargs)
         kwargs.pop("hidden_states", None)
         rest = self.args[1:]
-        hidden = self.block_output + self.layer.residual(self.acts, self.masks)
+        hidden = self.block_output + self.layer.training_residual(self.session, self.acts)
         above = self.stack.blocks[self.stack.start + 1 :]
         for number, block in enumerate(above):
             tokens = self.loss_tokens if number == len(above) - 1 else self.needed_tokens
@@ -339,41 +334,44 @@ def optimise_edit(
     the batch's last ``rehearsal.rows`` rows are stored edits, each trained with its stored mask,
     and the rows' losses are weighted by ``rehearsal.row_weights``.
     """
-    layer.train_bits = None
-    layer.rehearsal_bits = rehearsal.bits if rehearsal is not None else None
     row_weights = rehearsal.row_weights if rehearsal is not None else None
-    layer.call = CallContext(window=batch.prompt_window())
     memory = layer.memory
     decay = config.weight_decay if config.decay_scope == "all" else 0.0
     optimizer = torch.optim.SGD([memory], lr=config.lr, weight_decay=decay)
     losses: list[float] = []
-    try:
-        compute_loss = (_FastLoss(model, batch, stack, layer, row_weights) if stack is not None
-                        else _PlainLoss(model, batch, row_weights))
-        layer.mode = "train"
-        memory.requires_grad_(True)
-        for _ in range(config.n_iter):
-            optimizer.zero_grad(set_to_none=True)
-            loss = compute_loss()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteEditError(_non_finite_cause("loss", losses, config, compute_loss))
-            if losses and abs(value - losses[-1]) <= config.early_stop_delta and value <= config.early_stop_loss:
-                losses.append(value)
-                break
+    with layer.training_pass(batch.prompt_window(), rehearsal.bits if rehearsal is not None else None) as session:
+        try:
+            compute_loss = (_FastLoss(model, batch, stack, layer, session, row_weights) if stack is not None
+                            else _PlainLoss(model, batch, row_weights))
+            memory.requires_grad_(True)
+            _train_steps(compute_loss, optimizer, layer, session, config, losses)
+        finally:
+            memory.requires_grad_(False)
+            memory.grad = None
+    return losses, session.bits
+
+
+def _train_steps(compute_loss, optimizer, layer: MemoirLayer, session: TrainingPass, config: MemoirConfig,
+                 losses: list[float]) -> None:
+    """SGD steps until ``n_iter`` or the early stop, appending each loss to ``losses``."""
+    memory = layer.memory
+    for _ in range(config.n_iter):
+        optimizer.zero_grad(set_to_none=True)
+        loss = compute_loss()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteEditError(_non_finite_cause("loss", losses, config, compute_loss))
+        if losses and abs(value - losses[-1]) <= config.early_stop_delta and value <= config.early_stop_loss:
             losses.append(value)
-            loss.backward()
-            _finish_gradient(layer, config)
-            if not bool(torch.isfinite(memory.grad).all()):
-                raise NonFiniteEditError(_non_finite_cause("gradient", losses, config, compute_loss))
-            optimizer.step()
-        if not bool(torch.isfinite(memory).all()):
-            raise NonFiniteEditError(_non_finite_cause("memory", losses, config, compute_loss))
-    finally:
-        memory.requires_grad_(False)
-        memory.grad = None
-        layer.mode, layer.call, layer.rehearsal_bits = "route", None, None
-    return losses, layer.train_bits
+            break
+        losses.append(value)
+        loss.backward()
+        _finish_gradient(layer, session, config)
+        if not bool(torch.isfinite(memory.grad).all()):
+            raise NonFiniteEditError(_non_finite_cause("gradient", losses, config, compute_loss))
+        optimizer.step()
+    if not bool(torch.isfinite(memory).all()):
+        raise NonFiniteEditError(_non_finite_cause("memory", losses, config, compute_loss))
 
 
 class NonFiniteEditError(FloatingPointError):
@@ -394,15 +392,15 @@ def _non_finite_cause(what: str, losses: list[float], config: MemoirConfig, comp
     return f"MEMOIR: non-finite {what} while editing; the edit was rolled back and nothing was stored: {cause}"
 
 
-def _finish_gradient(layer: MemoirLayer, config: MemoirConfig) -> None:
+def _finish_gradient(layer: MemoirLayer, session: TrainingPass, config: MemoirConfig) -> None:
     memory = layer.memory
     if config.decay_scope == "masked" and config.weight_decay:
         from memoir_kernels import unpack_bits
 
         # The rows being trained: the edit's mask and, with rehearsal, the rehearsed edits' masks.
-        trained = unpack_bits(layer.train_bits, layer.in_features)[0]
-        if layer.rehearsal_bits is not None:
-            trained = trained | unpack_bits(layer.rehearsal_bits, layer.in_features).any(dim=0)
+        trained = unpack_bits(session.bits, layer.in_features)[0]
+        if session.rehearsal_bits is not None:
+            trained = trained | unpack_bits(session.rehearsal_bits, layer.in_features).any(dim=0)
         rows = trained.to(memory.dtype).unsqueeze(1)
         memory.grad.add_(memory.detach() * rows, alpha=config.weight_decay)
     if config.grad_clip:

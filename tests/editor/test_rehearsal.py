@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import memoir
 from memoir.head_loss import row_mean_weights
+from memoir.layer import TrainingPass
 from memoir.models import tiny_model
 from memoir.registry import EditRecord, EditRegistry
 from memoir.rehearsal import choose_rehearsal
@@ -121,17 +122,18 @@ def test_row_weights_weight_each_rows_mean_loss():
 
 def test_training_masks_give_rehearsed_rows_their_stored_masks(char_tokenizer):
     editor, _ = _stream(char_tokenizer, [])
-    layer, dim = editor.layer, editor.layer.in_features
+    dim = editor.layer.in_features
     own = torch.zeros(1, dim, dtype=torch.bool)
     own[0, :5] = True
     stored = torch.zeros(2, dim, dtype=torch.bool)
     stored[0, 10:20] = True
     stored[1, -3:] = True
-    layer.train_bits, layer.rehearsal_bits = pack_bits(own), pack_bits(stored)
-    masks = layer.training_masks(5)
-    assert torch.equal(masks, torch.cat([own.expand(3, -1), stored]))
-    layer.rehearsal_bits = None
-    assert torch.equal(layer.training_masks(5), own)
+    session = TrainingPass(pack_bits(stored))
+    session.bits = pack_bits(own)
+    assert torch.equal(session.masks(5, dim), torch.cat([own.expand(3, -1), stored]))
+    alone = TrainingPass()
+    alone.bits = pack_bits(own)
+    assert torch.equal(alone.masks(5, dim), own)
 
 
 def test_easyedit_keeps_the_reference_recipe_unless_the_yaml_asks():

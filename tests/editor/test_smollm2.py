@@ -42,7 +42,7 @@ def test_unrelated_prompts_are_bitwise_untouched(ten_edit_report, zsre_records):
     batch = editor.tokenizer([locs[i] for i in ungated], return_tensors="pt", padding=True)
     with torch.no_grad():
         edited = editor(**batch).logits
-        with editor._layer_mode("off"):
+        with editor.unedited():
             original = editor(**batch).logits
     assert torch.equal(edited, original)
 
