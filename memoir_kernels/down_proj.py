@@ -101,6 +101,7 @@ def memoir_down_proj(
         bias: ``[d]`` or ``None``.
         base: optional ``[T, d]`` base output already computed (by the original module, so that
             ungated tokens are that module's output bit for bit); W0 and bias are then not used.
+            ``a`` and ``base`` may be row-strided views (each row's elements adjacent): not copied.
 
     Returns:
         ``[T, d]`` outputs in ``a``'s dtype. The Triton kernel picks its regime from ``T``: up to
@@ -116,9 +117,9 @@ def memoir_down_proj(
     if bits.shape[0] and a.shape[0] and (base is None or base.dtype == a.dtype) and _use_triton(a):
         per_row = 0 if torch.is_tensor(row_of_token) else row_of_token
         return torch.ops.memoir.down_proj_triton(
-            a.contiguous(), None if weight is None else weight.contiguous(), memory.contiguous(),
+            _rows_contiguous(a), None if weight is None else weight.contiguous(), memory.contiguous(),
             row_of_token.contiguous() if not per_row else None, per_row, bits.contiguous(), gate.contiguous(), bias,
-            None if base is None else base.contiguous(),
+            None if base is None else _rows_contiguous(base),
         )
     return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias, base=base)
 
@@ -172,10 +173,11 @@ def memoir_down_proj_routed(
         overlap: ``[R]`` int32 common positions with that mask (:func:`mask_search`'s overlap).
         min_overlap: the gate: sequence r uses the memory iff ``overlap[r] >= min_overlap``.
         base: ``[T, d]`` base output of the original module; ungated tokens are it bit for bit.
+            ``a`` and ``base`` may be row-strided views (each row contiguous): no copy is made.
         in_place: write the edited rows into ``base`` and return it. The Triton kernel then neither
             reads nor writes an ungated token (an unrelated prompt's prefill costs the gate reads,
-            not a copy of the base output), when ``base`` is in ``a``'s dtype and contiguous;
-            otherwise the result is computed aside and copied into ``base``. Only for a
+            not a copy of the base output), when ``base`` is in ``a``'s dtype with rows that do not
+            overlap; otherwise the result is computed aside and copied into ``base``. Only for a
             ``base`` that nothing else still needs (not one autograd saved).
 
     Returns:
@@ -192,20 +194,31 @@ def memoir_down_proj_routed(
     # another dtype keeps its own through the reference.
     if bank_bits.shape[0] and a.shape[0] and base.dtype == a.dtype and _use_triton(a):
         per_row = 0 if torch.is_tensor(row_of_token) else row_of_token
-        args = (a.contiguous(), memory.contiguous(), row_of_token.contiguous() if not per_row else None, per_row,
+        args = (_rows_contiguous(a), memory.contiguous(), row_of_token.contiguous() if not per_row else None, per_row,
                 bank_bits.contiguous(), index.contiguous(), overlap.contiguous(), min_overlap)
         if not in_place:
-            return torch.ops.memoir.down_proj_routed_triton(*args, base.contiguous())
-        if base.is_contiguous():
+            return torch.ops.memoir.down_proj_routed_triton(*args, _rows_contiguous(base))
+        if _writable_rows(base):
             torch.ops.memoir.down_proj_routed_triton_(*args, base)
             return base
-        return base.copy_(torch.ops.memoir.down_proj_routed_triton(*args, base.contiguous()))
+        return base.copy_(torch.ops.memoir.down_proj_routed_triton(*args, _rows_contiguous(base)))
     return memoir_down_proj_routed_reference(a, memory, row_of_token, bank_bits, index, overlap, min_overlap,
                                              base=base, in_place=in_place)
 
 
 def _use_triton(a: torch.Tensor) -> bool:
     return resolve_backend("memoir_down_proj", a.device) == "triton"
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x [T, n]`` as the kernels read it: any row stride (a view of every other row, of a wider
+    buffer ...) with each row's elements adjacent. A copy only when they are not."""
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def _writable_rows(x: torch.Tensor) -> bool:
+    """Whether the kernel can write ``x [T, n]`` in place: adjacent elements, rows not overlapping."""
+    return (x.shape[1] <= 1 or x.stride(1) == 1) and (x.shape[0] <= 1 or x.stride(0) >= x.shape[1])
 
 
 def _rows_tensor(row_of_token, a: torch.Tensor) -> torch.Tensor:
@@ -267,6 +280,12 @@ if HAS_TRITON:
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
+    # Offsets: a row index times a row stride or length is computed in int64 (`t.to(tl.int64) *
+    # stride`): in int32 it wraps once T * D passes 2^31, from about 150k tokens at D = 14336. The
+    # token row pointers are formed once per program and the K loop adds offsets within a row; W_m
+    # and W0 rows take int64 products too (64 x 128 tiles: 0 B spilled with the products formed in
+    # the loop, 376 B with an int32 tile of W_m offsets hoisted out of it).
+
     @triton.jit
     def _gate_and_slot(row, valid, slot_ptr, gate_ptr, min_overlap, ROUTED: tl.constexpr):
         """``(gated, slot)`` of sequence(s) ``row``, loads masked by ``valid``: whether the row uses
@@ -279,7 +298,7 @@ if HAS_TRITON:
         else:
             slot = row
             gated = tl.load(gate_ptr + row, mask=valid, other=0).to(tl.int1)
-        return gated & valid, slot
+        return gated & valid, slot.to(tl.int64)
 
     @triton.jit
     def _edited(base, acc, a_ptr, out_ptr, ROUND_RESIDUAL: tl.constexpr):
@@ -295,21 +314,21 @@ if HAS_TRITON:
         """sum_{i in mask} a[t, i] W_m[i, n] for one token (``a_row``) and its mask's words
         (``bits_row``): masked loads read only the selected rows of W_m."""
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        k_in_step = tl.arange(0, BLOCK_K)
         for k0 in range(0, dim, BLOCK_K):
-            kk = k0 + k_in_step
+            kk = k0 + tl.arange(0, BLOCK_K)
             in_k = kk < dim
             word = tl.load(bits_row + kk // 64, mask=in_k, other=0)
             chosen = in_k & (((word >> (kk % 64).to(tl.int64)) & 1) != 0)
             x = tl.load(a_row + kk, mask=chosen, other=0.0).to(tl.float32)
-            m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=chosen[:, None] & in_n[None, :], other=0.0)
+            m = tl.load(mem_ptr + kk.to(tl.int64)[:, None] * hidden + n[None, :], mask=chosen[:, None] & in_n[None, :],
+                        other=0.0)
             acc += tl.sum(x[:, None] * m.to(tl.float32), axis=0)
         return acc
 
     @triton.jit
     def _down_proj_gather_kernel(
         a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, slot_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
-        per_row, min_overlap, dim, hidden, words,
+        per_row, min_overlap, dim, hidden, words, stride_a, stride_base, stride_out,
         ROWS_BY_DIVISION: tl.constexpr, ROUTED: tl.constexpr, HAS_BASE: tl.constexpr, IN_PLACE: tl.constexpr,
         HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -317,6 +336,7 @@ if HAS_TRITON:
         row; masked loads skip the rows of W_m outside the mask, so only the k selected rows are read.
         IN_PLACE (``out`` is ``base``): an ungated token reads and writes nothing."""
         t = tl.program_id(0)
+        t64 = t.to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = n < hidden
         if ROWS_BY_DIVISION:
@@ -324,9 +344,9 @@ if HAS_TRITON:
         else:
             row = tl.load(rows_ptr + t)
         gated, slot = _gate_and_slot(row, t >= 0, slot_ptr, gate_ptr, min_overlap, ROUTED)  # (t always exists)
-        a_row = a_ptr + t * dim
+        a_row = a_ptr + t64 * stride_a
         bits_row = bits_ptr + slot * words
-        out_row = out_ptr + t * hidden
+        out_row = out_ptr + t64 * stride_out
         if IN_PLACE:
             if gated:
                 base = tl.load(out_row + n, mask=in_n, other=0.0)
@@ -334,10 +354,10 @@ if HAS_TRITON:
                 tl.store(out_row + n, _edited(base, acc, a_ptr, out_ptr, ROUND_RESIDUAL), mask=in_n)
         else:
             if HAS_BASE:
-                base = tl.load(base_ptr + t * hidden + n, mask=in_n, other=0.0)
+                base = tl.load(base_ptr + t64 * stride_base + n, mask=in_n, other=0.0)
             else:
                 acc_base = tl.zeros([BLOCK_N], dtype=tl.float32)
-                w_cols = w_ptr + n[None, :] * dim  # W0 row n (nn.Linear layout)
+                w_cols = w_ptr + n.to(tl.int64)[None, :] * dim  # W0 row n (nn.Linear layout)
                 for k0 in range(0, dim, BLOCK_K):
                     kk = k0 + tl.arange(0, BLOCK_K)
                     x = tl.load(a_row + kk, mask=kk < dim, other=0.0).to(tl.float32)
@@ -359,7 +379,8 @@ if HAS_TRITON:
         token's mask word (0 for ungated tokens)."""
         kk = k0 + tl.arange(0, BLOCK_K)
         chosen = ((word[:, None] >> (kk % 64).to(tl.int64)[None, :]) & 1) != 0
-        m = tl.load(mem_ptr + kk[:, None] * hidden + n[None, :], mask=in_k[:, None] & in_n[None, :], other=0.0)
+        m = tl.load(mem_ptr + kk.to(tl.int64)[:, None] * hidden + n[None, :], mask=in_k[:, None] & in_n[None, :],
+                    other=0.0)
         if DOT_FP32:
             # fp32 activations, or the interpreter (whose half-precision arithmetic is unreliable).
             acc += tl.dot(tl.where(chosen, x.to(tl.float32), 0.0), m.to(tl.float32), input_precision="ieee")
@@ -380,7 +401,7 @@ if HAS_TRITON:
     @triton.jit
     def _down_proj_dense_kernel(
         a_ptr, w_ptr, mem_ptr, rows_ptr, bits_ptr, slot_ptr, gate_ptr, bias_ptr, base_ptr, out_ptr,
-        per_row, min_overlap, tokens, dim, hidden, words,
+        per_row, min_overlap, tokens, dim, hidden, words, stride_a, stride_base, stride_out,
         ROWS_BY_DIVISION: tl.constexpr, ROUTED: tl.constexpr, HAS_BASE: tl.constexpr, IN_PLACE: tl.constexpr,
         HAS_BIAS: tl.constexpr, ROUND_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -395,6 +416,7 @@ if HAS_TRITON:
         base one copy of it; IN_PLACE, where ``out`` is ``base``, nothing at all)."""
         tl.static_assert(64 % BLOCK_K == 0)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t64 = t.to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_t, in_n = t < tokens, n < hidden
         if ROWS_BY_DIVISION:
@@ -403,7 +425,7 @@ if HAS_TRITON:
             row = tl.load(rows_ptr + t, mask=in_t, other=0)
         gated, slot = _gate_and_slot(row, in_t, slot_ptr, gate_ptr, min_overlap, ROUTED)
         any_gated = tl.max(gated.to(tl.int32), axis=0) > 0
-        a_rows = a_ptr + t[:, None] * dim  # [BLOCK_T, 1] row starts
+        a_rows = a_ptr + t64[:, None] * stride_a  # [BLOCK_T, 1] row starts
         bits_rows = bits_ptr + slot * words
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         acc_base = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
@@ -417,7 +439,7 @@ if HAS_TRITON:
                     acc = _dense_residual_step(acc, x, word, k0, mem_ptr, n, in_k, in_n, hidden, DOT_FP32,
                                                BLOCK_K)
         else:
-            w_cols = w_ptr + n[None, :] * dim  # W0 row n (nn.Linear layout)
+            w_cols = w_ptr + n.to(tl.int64)[None, :] * dim  # W0 row n (nn.Linear layout)
             if any_gated:
                 for k0 in range(0, dim, BLOCK_K):
                     kk = k0 + tl.arange(0, BLOCK_K)
@@ -434,7 +456,7 @@ if HAS_TRITON:
                     x = tl.load(a_rows + kk[None, :], mask=in_t[:, None] & in_k[None, :], other=0.0)
                     acc_base = _dense_base_step(acc_base, x, w_cols, kk, in_k, in_n, DOT_FP32)
         out_mask = in_t[:, None] & in_n[None, :]
-        out_tile = out_ptr + t[:, None] * hidden + n[None, :]
+        out_tile = out_ptr + t64[:, None] * stride_out + n[None, :]
         if IN_PLACE:
             # out is base: ungated rows already hold their output; only gated rows are read and written.
             if any_gated:
@@ -443,7 +465,7 @@ if HAS_TRITON:
                 tl.store(out_tile, _edited(base, acc, a_ptr, out_ptr, ROUND_RESIDUAL), mask=edit)
         else:
             if HAS_BASE:
-                base = tl.load(base_ptr + t[:, None] * hidden + n[None, :], mask=out_mask, other=0.0)
+                base = tl.load(base_ptr + t64[:, None] * stride_base + n[None, :], mask=out_mask, other=0.0)
             else:
                 if HAS_BIAS:
                     acc_base += tl.load(bias_ptr + n, mask=in_n, other=0.0).to(tl.float32)[None, :]
@@ -502,8 +524,9 @@ if HAS_TRITON:
                 in_place=False):
         """Runs the gather kernel (up to ``DECODE_MAX_TOKENS`` tokens) or the dense one. ``slots``
         ``None``: sequence r uses ``bits[r]`` and the bool ``gate[r]``; otherwise ``bits[slots[r]]``
-        and the int32 ``gate[r] >= min_overlap``. Returns ``[T, d]`` in ``a``'s dtype: a new tensor,
-        or ``base`` itself written in place (``in_place``: gated rows only)."""
+        and the int32 ``gate[r] >= min_overlap``. ``a`` and ``base`` may have any row stride (their
+        rows contiguous). Returns ``[T, d]`` in ``a``'s dtype: a new tensor, or ``base`` itself
+        written in place (``in_place``: gated rows only)."""
         tokens, dim = a.shape
         hidden = memory.shape[1]
         small = interpreting()  # small tiles keep the CPU interpreter fast
@@ -521,6 +544,7 @@ if HAS_TRITON:
         args = (a, weight if weight is not None else dummy, memory, row_of_token if row_of_token is not None else dummy,
                 bits, slots if slots is not None else dummy, gate, bias if bias is not None else dummy,
                 base if base is not None else dummy, out, tokens_per_row, min_overlap)
+        strides = (a.stride(0), base.stride(0) if base is not None else 0, out.stride(0))
         flags = {"ROWS_BY_DIVISION": row_of_token is None, "ROUTED": slots is not None, "HAS_BASE": base is not None,
                  "IN_PLACE": in_place, "HAS_BIAS": bias is not None, "ROUND_RESIDUAL": not emulate}
         words = bits.shape[1]
@@ -528,14 +552,14 @@ if HAS_TRITON:
             tuned = _down_proj_gather_tuned_in_place if in_place else _down_proj_gather_tuned
             kernel, tiles = _kernel_and_tiles(_down_proj_gather_kernel, tuned, small, INTERPRETER_GATHER_TILES)
             wrap_triton(kernel)[lambda meta: (tokens, triton.cdiv(hidden, meta["BLOCK_N"]))](
-                *args, dim, hidden, words, **flags, **tiles,
+                *args, dim, hidden, words, *strides, **flags, **tiles,
             )
         else:
             tuned = _down_proj_dense_tuned_in_place if in_place else _down_proj_dense_tuned
             kernel, tiles = _kernel_and_tiles(_down_proj_dense_kernel, tuned, small, INTERPRETER_DENSE_TILES)
             grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(hidden, meta["BLOCK_N"]))  # noqa: E731
             wrap_triton(kernel)[grid](
-                *args, tokens, dim, hidden, words, **flags, DOT_FP32=a.dtype == torch.float32 or small,
+                *args, tokens, dim, hidden, words, *strides, **flags, DOT_FP32=a.dtype == torch.float32 or small,
                 **tiles,
             )
         return out.to(a.dtype) if emulate else out

@@ -114,7 +114,10 @@ def _tophash_triton(acts, window, mu, perm, k, inverse_perm):
     if mu is not None:
         mu = mu.to(device=acts.device, dtype=torch.float32).contiguous()
     window = None if window is None else window.contiguous()
-    return torch.ops.memoir.tophash_triton(acts.contiguous(), window, mu, inverse_perm.contiguous(), k)
+    # Any batch and token strides (the kernel takes them): a copy only when a token's elements are not adjacent.
+    if acts.shape[2] > 1 and acts.stride(2) != 1:
+        acts = acts.contiguous()
+    return torch.ops.memoir.tophash_triton(acts, window, mu, inverse_perm.contiguous(), k)
 
 
 def _check_acts(acts: torch.Tensor, window: torch.Tensor | None) -> None:
@@ -168,12 +171,18 @@ if HAS_TRITON:
         HAS_WINDOW: tl.constexpr, HAS_MU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WORDS: tl.constexpr,
     ):
         """key = sum_t w_t a_t / max(sum_t w_t, 1) - mu;  S = top-k |key| (ties: lower index);
-        bits[j // 64] |= [inv_perm[j] in S] << (j % 64).  One program per sequence."""
-        row = tl.program_id(0)
+        bits[j // 64] |= [inv_perm[j] in S] << (j % 64).  One program per sequence.
+
+        Offsets that multiply a sequence or token index by a stride or a length are int64: in int32
+        ``row * acts_batch_stride`` wraps once a batch holds 2^31 elements (150k tokens at D 14336)."""
+        row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         in_dim = offs < dim
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         count = tl.zeros([1], dtype=tl.float32)
+        # Advanced by the token stride (a 64-bit pointer add, no product to wrap); formed from
+        # t * stride in the loop, the int64 product spilled 556 B at BLOCK_D 16384.
+        token = acts_ptr + row * acts_batch_stride + offs
         for t in range(tokens):
             # Window weights multiply (not skip) the token, as the reference's einsum does; no
             # window is weight 1 everywhere, the same arithmetic as an all-true window.
@@ -181,7 +190,8 @@ if HAS_TRITON:
                 weight = tl.load(window_ptr + row * tokens + t + tl.arange(0, 1)).to(tl.float32)
             else:
                 weight = tl.full([1], 1.0, tl.float32)
-            x = tl.load(acts_ptr + row * acts_batch_stride + t * acts_token_stride + offs, mask=in_dim, other=0.0)
+            x = tl.load(token, mask=in_dim, other=0.0)
+            token += acts_token_stride
             # Loaded then converted at once: half types are only storage, the arithmetic is fp32.
             acc += x.to(tl.float32) * weight
             count += weight

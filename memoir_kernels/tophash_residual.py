@@ -59,9 +59,11 @@ def tophash_residual(
     if resolve_backend("tophash_residual", acts.device) == "triton":
         if inverse_perm is None:
             inverse_perm = inverse_permutation(perm)
+        if acts.shape[1] > 1 and acts.stride(1) != 1:  # any row stride is read as it is
+            acts = acts.contiguous()
         return torch.ops.memoir.tophash_residual_triton(
             key.reshape(-1).to(torch.float32).contiguous(), inverse_perm.contiguous(), perm.contiguous(), k,
-            acts.contiguous(), memory.contiguous(),
+            acts, memory.contiguous(),
         )
     return tophash_residual_reference(key, perm, k, acts, memory)
 
@@ -85,12 +87,13 @@ if HAS_TRITON:
     @triton.jit
     def _tophash_residual_kernel(
         key_ptr, inv_perm_ptr, a_ptr, mem_ptr, out_ptr,
-        tokens, dim, hidden, k,
+        tokens, dim, hidden, k, stride_a,
         DOT_FP32: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         """out[t, n] = sum_j [inv_perm[j] in top-k |key|] a[t, j] W_m[j, n].  Every program finds the
-        threshold itself (the key row is small and cached), so no mask ever goes through memory."""
+        threshold itself (the key row is small and cached), so no mask ever goes through memory.
+        Row offsets are int64 (``t * stride_a`` wraps in int32 past 2^31 elements), W_m's too."""
         offs = tl.arange(0, BLOCK_D)
         key = tl.load(key_ptr + offs, mask=offs < dim, other=0.0)
         mag = tl.where(offs < dim, tl.abs(key).to(tl.int32, bitcast=True), -1)
@@ -106,6 +109,8 @@ if HAS_TRITON:
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_t, in_n = t < tokens, n < hidden
+        t64 = t.to(tl.int64)
+        a_rows = a_ptr + t64[:, None] * stride_a
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, dim, BLOCK_K):
             j = k0 + tl.arange(0, BLOCK_K)
@@ -113,13 +118,14 @@ if HAS_TRITON:
             source = tl.load(inv_perm_ptr + j, mask=in_k, other=0)
             value = tl.abs(tl.load(key_ptr + source, mask=in_k, other=0.0)).to(tl.int32, bitcast=True)
             chosen = in_k & ((value > threshold) | ((value == threshold) & (source < cut)))
-            x = tl.load(a_ptr + t[:, None] * dim + j[None, :], mask=in_t[:, None] & chosen[None, :], other=0.0)
-            m = tl.load(mem_ptr + j[:, None] * hidden + n[None, :], mask=chosen[:, None] & in_n[None, :], other=0.0)
+            x = tl.load(a_rows + j[None, :], mask=in_t[:, None] & chosen[None, :], other=0.0)
+            m = tl.load(mem_ptr + j.to(tl.int64)[:, None] * hidden + n[None, :], mask=chosen[:, None] & in_n[None, :],
+                        other=0.0)
             if DOT_FP32:
                 acc += tl.dot(x.to(tl.float32), m.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(x.to(m.dtype), m)
-        tl.store(out_ptr + t[:, None] * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + t64[:, None] * hidden + n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=in_t[:, None] & in_n[None, :])
 
     @triton_op("memoir::tophash_residual_triton", mutates_args=())
@@ -136,7 +142,7 @@ if HAS_TRITON:
         block_t, block_n, block_k = (16, 32, 32) if small else (32, 64, 64)
         grid = (triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_n))
         wrap_triton(_tophash_residual_kernel)[grid](
-            key, inverse_perm, acts, memory, out, tokens, dim, hidden, k,
+            key, inverse_perm, acts, memory, out, tokens, dim, hidden, k, acts.stride(0),
             DOT_FP32=memory.dtype == torch.float32 or small, BLOCK_D=triton.next_power_of_2(dim),
             BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
         )

@@ -51,12 +51,21 @@ SCRIPT = textwrap.dedent('''
         spills = spilled_bytes(kernel)  # the same bundled ptxas triton.compile just used
         assert spills <= SPILL_LIMIT, (fn.__name__, constants, num_warps, spills)
 
-    for has_window in (True, False):
-        build(tophash._tophash_kernel,
-              {"acts_ptr": "*bf16", "acts_batch_stride": "i32", "acts_token_stride": "i32", "window_ptr": "*i1",
-               "mu_ptr": "*fp32", "inv_perm_ptr": "*i64", "scratch_ptr": "*i32", "out_ptr": "*i64", "tokens": "i32",
-               "dim": "i32", "words": "i32", "k": "i32"},
-              {"HAS_WINDOW": has_window, "HAS_MU": True, "BLOCK_D": 16384, "BLOCK_WORDS": 16}, num_warps=8)
+    # Size and stride arguments: i32 (what Triton passes for values below 2^31) and i64 (what it
+    # passes above: a stride or length past 2^31). The kernels form their row offsets in int64
+    # either way; the i64 build checks they still compile, fit in shared memory and do not spill.
+    for size in ("i32", "i64"):
+        for has_window in (True, False):
+            build(tophash._tophash_kernel,
+                  {"acts_ptr": "*bf16", "acts_batch_stride": size, "acts_token_stride": size, "window_ptr": "*i1",
+                   "mu_ptr": "*fp32", "inv_perm_ptr": "*i64", "scratch_ptr": "*i32", "out_ptr": "*i64",
+                   "tokens": size, "dim": size, "words": size, "k": "i32"},
+                  {"HAS_WINDOW": has_window, "HAS_MU": True, "BLOCK_D": 16384, "BLOCK_WORDS": 16}, num_warps=8)
+        build(fused._tophash_residual_kernel,
+              {"key_ptr": "*fp32", "inv_perm_ptr": "*i64", "a_ptr": "*bf16", "mem_ptr": "*fp32", "out_ptr": "*bf16",
+               "tokens": size, "dim": size, "hidden": size, "k": "i32", "stride_a": size},
+              {"DOT_FP32": True, "BLOCK_D": 16384, "BLOCK_T": 32, "BLOCK_N": 64, "BLOCK_K": 64})
+
     common = {"a_ptr": "*bf16", "w_ptr": "*bf16", "mem_ptr": "*fp32", "rows_ptr": "*i64", "bits_ptr": "*i64",
               "slot_ptr": "*i64", "gate_ptr": "*i1", "bias_ptr": "*bf16", "base_ptr": "*bf16", "out_ptr": "*bf16",
               "per_row": "i32", "min_overlap": "i32"}
@@ -66,17 +75,22 @@ SCRIPT = textwrap.dedent('''
     # out of place and in place (out is base: ungated tiles read and write nothing).
     routed_common = dict(common, gate_ptr="*i32")
     routed = dict(flags, ROUTED=True, HAS_BASE=True, HAS_BIAS=False)
-    for sig, consts in ((common, flags), (routed_common, routed), (routed_common, dict(routed, IN_PLACE=True))):
-        for config in down_proj.GATHER_CONFIGS:  # every autotuning candidate
-            build(down_proj._down_proj_gather_kernel, dict(sig, dim="i32", hidden="i32", words="i32"),
-                  dict(consts, **config.kwargs), config.num_warps, config.num_stages)
-        for config in down_proj.DENSE_CONFIGS:
-            build(down_proj._down_proj_dense_kernel, dict(sig, tokens="i32", dim="i32", hidden="i32", words="i32"),
-                  dict(consts, DOT_FP32=False, **config.kwargs), config.num_warps, config.num_stages)
-    build(fused._tophash_residual_kernel,
-          {"key_ptr": "*fp32", "inv_perm_ptr": "*i64", "a_ptr": "*bf16", "mem_ptr": "*fp32", "out_ptr": "*bf16",
-           "tokens": "i32", "dim": "i32", "hidden": "i32", "k": "i32"},
-          {"DOT_FP32": True, "BLOCK_D": 16384, "BLOCK_T": 32, "BLOCK_N": 64, "BLOCK_K": 64})
+
+    def sizes(size, *names):
+        return {name: size for name in names + ("dim", "hidden", "words", "stride_a", "stride_base", "stride_out")}
+
+    variants = ((common, flags), (routed_common, routed), (routed_common, dict(routed, IN_PLACE=True)))
+    for size in ("i32", "i64"):
+        for sig, consts in variants:
+            # Every autotuning candidate with i32 sizes; with i64 sizes, every candidate of the routed
+            # variant (the product path) and the first of the others (compile time).
+            every = size == "i32" or consts is routed
+            for config in down_proj.GATHER_CONFIGS if every else down_proj.GATHER_CONFIGS[:1]:
+                build(down_proj._down_proj_gather_kernel, dict(sig, **sizes(size)),
+                      dict(consts, **config.kwargs), config.num_warps, config.num_stages)
+            for config in down_proj.DENSE_CONFIGS if every else down_proj.DENSE_CONFIGS[:1]:
+                build(down_proj._down_proj_dense_kernel, dict(sig, **sizes(size, "tokens")),
+                      dict(consts, DOT_FP32=False, **config.kwargs), config.num_warps, config.num_stages)
     print("compiled")
 ''')
 
