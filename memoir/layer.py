@@ -25,12 +25,12 @@ from memoir_kernels import (
     memoir_down_proj_routed,
     num_words,
     prompt_keys,
+    resolve_backend,
     tophash,
     tophash_from_keys,
     tophash_residual,
     unpack_bits,
 )
-from memoir_kernels.backend import resolve_backend
 
 __all__ = ["MemoirLayer", "RouteDecision", "CallContext", "TrainingPass", "Capture", "layer_dims"]
 
@@ -165,6 +165,7 @@ class MemoirLayer(nn.Module):
         self.register_buffer("_bank_storage", torch.zeros(0, num_words(dim), dtype=torch.int64, device=weight.device),
                              persistent=False)
         self._bank_rows = 0
+        self._digests: dict[int, list[int]] | None = None  # add_mask's duplicate index (hash -> rows)
         self.register_buffer("background_mean", torch.zeros(dim, device=weight.device), persistent=False)
         self.has_background = False
         # None: route (inference). Otherwise what the innermost context manager set: _OFF, a
@@ -236,6 +237,7 @@ class MemoirLayer(nn.Module):
     def bank_bits(self, bits: torch.Tensor) -> None:
         self._bank_storage = bits.to(device=self._bank_storage.device, dtype=torch.int64).contiguous().clone()
         self._bank_rows = bits.shape[0]
+        self._digests = None
 
     def extra_repr(self) -> str:
         return f"D={self.in_features}, d={self.out_features}, top_k={self.top_k}, tau={self.irr_threshold}, masks={self.num_masks}"
@@ -423,20 +425,35 @@ class MemoirLayer(nn.Module):
     def add_mask(self, bits: torch.Tensor) -> tuple[int, bool]:
         """Store packed mask ``bits [1, W]`` (exactly ``top_k`` bits); returns ``(row, added)``.
 
-        A mask equal to a stored one adds no row: found with the mask search itself, since two
-        masks of k bits each are equal exactly when they overlap in k positions. Amortised O(1)
-        besides that search: the storage doubles when full.
+        A mask equal to a stored one adds no row. Amortised O(W) whatever the bank's size: the
+        storage doubles when full, and duplicates are found through a hash of each stored row's
+        words (a hit is confirmed against the row), not by searching the bank.
         """
         rows = self._bank_rows
         bits = bits.to(self._bank_storage.device)
-        if rows:
-            index, overlap = mask_search(bits, self.bank_bits)
-            if int(overlap[0]) == self.top_k:
-                return int(index[0]), False
+        digest, rows_by_digest = _digest(bits[0]), self._rows_by_digest()
+        for row in rows_by_digest.get(digest, ()):
+            if torch.equal(self._bank_storage[row], bits[0]):
+                return row, False
         if rows == self._bank_storage.shape[0]:
             grown = self._bank_storage.new_zeros(max(16, 2 * rows), self._bank_storage.shape[1])
             grown[:rows] = self._bank_storage[:rows]
             self._bank_storage = grown
         self._bank_storage[rows] = bits[0]
         self._bank_rows = rows + 1
+        rows_by_digest.setdefault(digest, []).append(rows)
         return rows, True
+
+    def _rows_by_digest(self) -> dict[int, list[int]]:
+        """Bank rows by the hash of their words; built once after the bank was replaced (a load)."""
+        if self._digests is None:
+            words = self.bank_bits.cpu().numpy()
+            self._digests = {}
+            for row in range(words.shape[0]):
+                self._digests.setdefault(hash(words[row].tobytes()), []).append(row)
+        return self._digests
+
+
+def _digest(words: torch.Tensor) -> int:
+    """Hash of one packed mask's words (one device-to-host copy of W words)."""
+    return hash(words.cpu().numpy().tobytes())

@@ -1,4 +1,4 @@
-"""The mask bank grows in place (capacity doubling) and finds duplicates with the mask search."""
+"""The mask bank grows in place (capacity doubling) and finds duplicates through a hash of each row."""
 
 import torch
 
@@ -31,3 +31,16 @@ def test_bank_appends_without_copying_and_skips_duplicates():
     layer.bank_bits = masks[:3]  # a loaded bank replaces the storage
     assert layer.num_masks == 3 and torch.equal(layer.bank_bits, masks[:3])
     assert layer.add_mask(masks[3:4]) == (3, True)
+    assert layer.add_mask(masks[1:2]) == (1, False)  # the duplicate index follows a loaded bank
+
+
+def test_duplicates_are_confirmed_against_the_stored_row(monkeypatch):
+    """Every mask hashing alike (the worst collision case) changes nothing: a hit is compared."""
+    import memoir.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "_digest", lambda words: 0)
+    layer = MemoirLayer(torch.nn.Linear(100, 8), top_k=30, irr_threshold=0.5, key_aggregation="mean", seed=0)
+    masks = _random_masks(10, 100, 30, seed=1)
+    assert [layer.add_mask(masks[i : i + 1]) for i in range(10)] == [(i, True) for i in range(10)]
+    assert [layer.add_mask(masks[i : i + 1]) for i in (9, 0, 4)] == [(9, False), (0, False), (4, False)]
+    assert torch.equal(layer.bank_bits, masks)
