@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memoir_kernels import memoir_down_proj, memoir_down_proj_reference, pack_bits
+from memoir_kernels import backend, memoir_down_proj, memoir_down_proj_reference, pack_bits
 
 HIDDEN, DIM, K = 4096, 14336, 4096
 CUDA = torch.cuda.is_available()
@@ -68,7 +68,7 @@ def test_torch_reference(benchmark, record, sync, device_time, tokens):
 @pytest.mark.parametrize("given_base", [True, False], ids=["base-given", "base-fused"])
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_triton_kernel(benchmark, record, sync, device_time, monkeypatch, tokens, given_base):
-    monkeypatch.setenv("MEMOIR_BACKEND", "triton")
+    monkeypatch.setattr(backend, "_requested", "triton")  # restored after the test
     a, weight, memory, rows, bits, gate = _inputs(tokens)
 
     def edited():

@@ -11,7 +11,7 @@ from the device time (``device_s``, see benchmarks/conftest.py).
 import pytest
 import torch
 
-from memoir_kernels import inverse_permutation, tophash, tophash_reference
+from memoir_kernels import backend, inverse_permutation, tophash, tophash_reference
 
 DIM, K = 14336, 4096
 # 4096 rows on GPU; 256 on CPU, where the reference's sort of 4096 rows takes about a minute.
@@ -47,7 +47,7 @@ def test_torch_chain(benchmark, record, sync, device_time, batch, tokens):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter is not a benchmark)")
 @pytest.mark.parametrize("batch,tokens", CASES)
 def test_triton_kernel(benchmark, record, sync, device_time, monkeypatch, batch, tokens):
-    monkeypatch.setenv("MEMOIR_BACKEND", "triton")
+    monkeypatch.setattr(backend, "_requested", "triton")  # restored after the test
     acts, window, mu, perm = _inputs(batch, tokens, "cuda")
     inverse = inverse_permutation(perm)
     benchmark.group = f"tophash B={batch} T={tokens}"

@@ -8,7 +8,7 @@ GPU, at SmolLM2's (D 1536, d 576, k 439) on CPU.
 import pytest
 import torch
 
-from memoir_kernels import masked_residual, tophash_from_keys, tophash_residual, unpack_bits
+from memoir_kernels import backend, masked_residual, tophash_from_keys, tophash_residual, unpack_bits
 
 CUDA = torch.cuda.is_available()
 # LLaMA-3-8B's shape on GPU; SmolLM2's on CPU (the 8B shape is 13 GFLOP of fp32 matmul per call).
@@ -38,7 +38,7 @@ def test_separate_ops(benchmark, record, sync, device_time):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter is not a benchmark)")
 def test_fused_triton(benchmark, record, sync, device_time, monkeypatch):
-    monkeypatch.setenv("MEMOIR_BACKEND", "triton")
+    monkeypatch.setattr(backend, "_requested", "triton")  # restored after the test
     key, perm, acts, memory = _inputs()
     benchmark.group = "tophash_residual"
     benchmark(sync(tophash_residual), key, perm, K, acts, memory)

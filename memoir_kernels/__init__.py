@@ -1,11 +1,12 @@
 """memoir_kernels: the hot-path ops of MEMOIR editing, with exact PyTorch references.
 
 Importable without CUDA and without transformers. Every op dispatches through one switch,
-``MEMOIR_BACKEND=auto|cuda|triton|torch`` (see :mod:`memoir_kernels.backend`).
+``MEMOIR_BACKEND=auto|native|triton|torch`` (see :mod:`memoir_kernels.backend`), read once;
+:func:`set_backend` / :func:`use_backend` change it at run time.
 """
 
 from ._bits import num_words, pack_bits, unpack_bits
-from .backend import available_backends, requested_backend, resolve_backend
+from .backend import available_backends, requested_backend, resolve_backend, set_backend, use_backend
 from .down_proj import (
     masked_residual,
     memoir_down_proj,
@@ -35,10 +36,12 @@ __all__ = [
     "prompt_keys",
     "requested_backend",
     "resolve_backend",
+    "set_backend",
     "tophash",
     "tophash_from_keys",
     "tophash_reference",
     "tophash_residual",
     "tophash_residual_reference",
     "unpack_bits",
+    "use_backend",
 ]

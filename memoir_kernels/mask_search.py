@@ -51,7 +51,7 @@ def mask_search(query_bits: torch.Tensor, bank_bits: torch.Tensor) -> tuple[torc
     """
     _check_inputs(query_bits, bank_bits)
     backend = resolve_backend("mask_search", query_bits.device)
-    if backend == "cuda" and native_available(query_bits.device):
+    if backend == "native" and native_available(query_bits.device):
         return torch.ops.memoir.mask_search(query_bits.contiguous(), bank_bits.contiguous())
     return mask_search_reference(query_bits, bank_bits)
 

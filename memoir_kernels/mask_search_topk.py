@@ -61,7 +61,7 @@ def mask_search_topk(query_bits: torch.Tensor, bank_bits: torch.Tensor, r: int) 
         query_bits: ``[B, W]`` int64 packed query masks.
         bank_bits: ``[N, W]`` int64 packed stored masks (``N`` may be 0).
         r: how many masks to return per query, an int ``>= 1`` (at most 64 for CUDA tensors under
-            ``MEMOIR_BACKEND=cuda``; ``auto`` uses the PyTorch reference beyond that).
+            ``MEMOIR_BACKEND=native``; ``auto`` uses the PyTorch reference beyond that).
 
     Returns:
         ``(index [B, r] int64, overlap [B, r] int32)``: per query the rows of largest overlap
@@ -76,7 +76,7 @@ def mask_search_topk(query_bits: torch.Tensor, bank_bits: torch.Tensor, r: int) 
     _check_r(r)
     device = query_bits.device
     backend = resolve_backend("mask_search_topk", device)
-    if backend == "cuda" and native_available(device):
+    if backend == "native" and native_available(device):
         if device.type == "cuda" and r > CUDA_MAX_R:
             if requested_backend() != "auto":
                 raise ValueError(

@@ -24,6 +24,30 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def backend_from_the_environment():
+    """Every test starts from MEMOIR_BACKEND as the environment says, whatever an earlier test chose
+    with ``memoir_kernels.set_backend``."""
+    from memoir_kernels import set_backend
+
+    set_backend(None)
+    yield
+    set_backend(None)
+
+
+@pytest.fixture()
+def triton_backend():
+    """Select the Triton backend for the test (reset after it), or skip with the reason Triton cannot
+    run here (the GPU when there is one, else the CPU under TRITON_INTERPRET)."""
+    from memoir_kernels import set_backend
+    from memoir_kernels._triton import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if reason:
+        pytest.skip(reason)
+    set_backend("triton")  # backend_from_the_environment resets it after the test
+
+
+@pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same random state."""
     torch.manual_seed(1234)

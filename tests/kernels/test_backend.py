@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import memoir_kernels
-from memoir_kernels import available_backends, resolve_backend
+from memoir_kernels import available_backends, requested_backend, resolve_backend, set_backend, use_backend
 
 
 def test_public_api_is_pinned():
@@ -11,14 +11,34 @@ def test_public_api_is_pinned():
         "mask_search_topk_reference", "masked_residual", "memoir_down_proj",
         "memoir_down_proj_reference", "memoir_down_proj_routed", "memoir_down_proj_routed_reference", "num_words",
         "pack_bits", "prompt_keys", "requested_backend",
-        "resolve_backend", "tophash", "tophash_from_keys", "tophash_reference", "tophash_residual", "tophash_residual_reference", "unpack_bits",
+        "resolve_backend", "set_backend", "use_backend", "tophash", "tophash_from_keys", "tophash_reference", "tophash_residual", "tophash_residual_reference", "unpack_bits",
     ])
 
 
 def test_auto_prefers_native_search_on_cpu(monkeypatch):
     monkeypatch.setenv("MEMOIR_BACKEND", "auto")
-    assert available_backends("mask_search", "cpu")[0] == "cuda"
-    assert resolve_backend("mask_search", "cpu") == "cuda"
+    assert available_backends("mask_search", "cpu")[0] == "native"
+    assert resolve_backend("mask_search", "cpu") == "native"
+
+
+def test_the_environment_is_read_once_and_set_backend_changes_the_choice(monkeypatch):
+    monkeypatch.setenv("MEMOIR_BACKEND", "torch")
+    assert resolve_backend("mask_search", "cpu") == "torch"
+    monkeypatch.setenv("MEMOIR_BACKEND", "native")
+    assert resolve_backend("mask_search", "cpu") == "torch"  # not read again per call
+    with use_backend("native"):
+        assert resolve_backend("mask_search", "cpu") == "native"
+    assert resolve_backend("mask_search", "cpu") == "torch"
+    set_backend(None)  # read the environment again on next use
+    assert resolve_backend("mask_search", "cpu") == "native"
+    with pytest.raises(ValueError, match="is not one of"):
+        set_backend("fortran")
+
+
+def test_cuda_is_the_old_name_of_native(monkeypatch):
+    monkeypatch.setenv("MEMOIR_BACKEND", "CUDA")
+    assert requested_backend() == "native"
+    assert resolve_backend("mask_search", "cpu") == "native"
 
 
 def test_torch_backend_forces_reference(monkeypatch):
@@ -35,17 +55,17 @@ def test_unknown_backend_raises(monkeypatch):
 def test_explicit_unavailable_backend_raises_with_reason(monkeypatch):
     from memoir_kernels import _native
 
-    monkeypatch.setenv("MEMOIR_BACKEND", "cuda")
+    monkeypatch.setenv("MEMOIR_BACKEND", "native")
     # the same answer whether this machine's extension was built with CUDA or not
     monkeypatch.setattr(_native, "native_has_cuda", lambda: False)
-    with pytest.raises(RuntimeError, match="cannot run mask_search on cuda: .*without CUDA"):
+    with pytest.raises(RuntimeError, match="native cannot run mask_search on cuda: .*without CUDA"):
         resolve_backend("mask_search", "cuda")
     with pytest.raises(RuntimeError, match="cannot run mask_search on meta: no compiled kernel for device type 'meta'"):
         resolve_backend("mask_search", "meta")
 
 
 def test_op_without_such_implementation_uses_its_best(monkeypatch):
-    monkeypatch.setenv("MEMOIR_BACKEND", "cuda")
+    monkeypatch.setenv("MEMOIR_BACKEND", "native")
     assert resolve_backend("tophash", "cpu") == "torch"
 
 
@@ -63,10 +83,10 @@ def test_results_equal_across_backends(monkeypatch):
     bank = pack_bits(torch.rand(500, 300) < 0.3)
     query = pack_bits(torch.rand(4, 300) < 0.3)
     results = {}
-    for name in ("torch", "cuda"):
-        monkeypatch.setenv("MEMOIR_BACKEND", name)
-        results[name] = mask_search(query, bank)
-    assert all(torch.equal(a, b) for a, b in zip(results["torch"], results["cuda"], strict=True))
+    for name in ("torch", "native"):
+        with use_backend(name):
+            results[name] = mask_search(query, bank)
+    assert all(torch.equal(a, b) for a, b in zip(results["torch"], results["native"], strict=True))
 
 
 def test_auto_never_picks_the_triton_interpreter_on_cpu(monkeypatch):

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from memoir_kernels import mask_search, mask_search_reference, mask_search_topk, mask_search_topk_reference, pack_bits
+from memoir_kernels import (
+    mask_search,
+    mask_search_reference,
+    mask_search_topk,
+    mask_search_topk_reference,
+    pack_bits,
+    set_backend,
+    use_backend,
+)
 from memoir_kernels._native import native_available
 
 # The module, not the function of the same name that memoir_kernels exports over it.
@@ -45,8 +53,7 @@ def _native(query, bank, r):
 
 
 def _dispatch_torch(query, bank, r):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEMOIR_BACKEND", "torch")
+    with use_backend("torch"):
         return mask_search_topk(query, bank, r)
 
 
@@ -284,9 +291,9 @@ def test_cuda_r_above_kernel_limit(monkeypatch):
     query, bank = _random_masks(2, 130, 5).cuda(), _random_masks(200, 130, 5).cuda()
     with pytest.raises(RuntimeError, match="r must be at most 64"):
         torch.ops.memoir.mask_search_topk(query, bank, 65)
-    monkeypatch.setenv("MEMOIR_BACKEND", "cuda")
+    set_backend("native")
     with pytest.raises(ValueError, match="r <= 64"):
         mask_search_topk(query, bank, 65)
-    monkeypatch.setenv("MEMOIR_BACKEND", "auto")  # auto falls back to the reference beyond the limit
+    set_backend("auto")  # auto falls back to the reference beyond the limit
     got, want = mask_search_topk(query, bank, 65), mask_search_topk_reference(query.cpu(), bank.cpu(), 65)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])

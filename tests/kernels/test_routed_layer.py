@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memoir.layer import CallContext, MemoirLayer
-from memoir_kernels import pack_bits, unpack_bits
+from memoir_kernels import pack_bits, set_backend, unpack_bits
 from memoir_kernels._native import native_available
 
 from .helpers import kernel_device
@@ -48,12 +48,12 @@ def test_routed_forward_equal_across_backends(monkeypatch):
 
     layer = _layer()
     acts = _gated_batch(layer)
-    monkeypatch.setenv("MEMOIR_BACKEND", "torch")
+    set_backend("torch")
     want, decision = _routed(layer, acts)
     assert decision.gate.tolist()[0] and decision.index.tolist()[0] == 2
     backends = ["auto"] + ([] if triton_unavailable_reason(torch.device("cpu")) else ["triton"])
     for name in backends:
-        monkeypatch.setenv("MEMOIR_BACKEND", name)
+        set_backend(name)
         got, got_decision = _routed(layer, acts)
         assert torch.equal(got_decision.index, decision.index) and torch.equal(got_decision.gate, decision.gate)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
