@@ -19,7 +19,7 @@ from .background import GENERIC_SENTENCES
 from .checkpoint import resume_stream, terminate_as_interrupt, write_checkpoint
 from .concurrency import ReadWriteGate
 from .config import MemoirConfig
-from .layer import MemoirLayer, StopForward
+from .layer import MemoirLayer, RouteDecision, StopForward
 from .registry import EditRecord, EditRegistry, read_edits_file, utc_now
 from .rehearsal import build_training_batch, choose_rehearsal
 from .routing import RoutingState, cached_length
@@ -560,6 +560,12 @@ class MemoirEditor:
         kwargs.setdefault("pad_token_id", pad_id_of(self.tokenizer))
         return self.model.generate(**kwargs)
 
+    @property
+    def last_decision(self) -> RouteDecision | None:
+        """The routing decision of this thread's last forward call that routed new prompts (index,
+        overlap and gate per row); ``None`` before one, and after an edit or a withdrawal."""
+        return self._routing.decision
+
     @torch.no_grad()
     def route(self, prompts: Sequence[str]) -> dict:
         """Routing of each prompt: ``index`` (nearest mask), ``overlap`` (ratio to k), ``gate``."""
@@ -574,7 +580,7 @@ class MemoirEditor:
             return {"index": [], "overlap": [], "gate": []}
         batch = batch_prompt_target(self.tokenizer, prompts, [""] * len(prompts)).to(self.device)
         self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        decision = self.layer.last_decision if self.layer.num_masks else None
+        decision = self.last_decision if self.layer.num_masks else None
         if decision is None:
             n = len(prompts)
             return {"index": [-1] * n, "overlap": [0.0] * n, "gate": [False] * n}
@@ -602,7 +608,7 @@ class MemoirEditor:
         batch = batch_prompt_target(self.tokenizer, prompts, [""] * len(prompts)).to(self.device)
         with torch.no_grad():
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        with self._routing.fixed(self.layer.last_decision):
+        with self._routing.fixed(self.last_decision):
             yield
 
     def chat(self, messages: list[dict] | str, **generate_kwargs) -> str:

@@ -125,7 +125,7 @@ def teacher_forced(editor, prompts: list[str], answers: list[str], batch_size: i
             got = predicted[row, span.start - 1 : span.stop - 1]
             result.predictions.append(got.cpu())
             result.accuracy.append(float((got == want).float().mean()) if want.numel() else 0.0)
-        decision = layer.last_decision if layer.num_masks else None
+        decision = editor.last_decision if layer.num_masks else None
         rows = batch.input_ids.shape[0]
         result.overlap += (decision.overlap.clamp_min(0).double() / layer.top_k).tolist() if decision else [0.0] * rows
         result.index += decision.index.tolist() if decision else [-1] * rows

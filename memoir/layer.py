@@ -137,7 +137,8 @@ class MemoirLayer(nn.Module):
     (``[D]``), the mask bank (``bank_bits`` ``[N, W]``, ``num_masks``), ``row_active`` (``[N]``
     bool or ``None``), mu (``background_mean`` ``[D]``, ``has_background``) and the routing
     settings ``top_k``, ``irr_threshold`` (tau: the one place it is stored) and
-    ``key_aggregation``. Per forward call, per thread: ``call`` and ``last_decision``.
+    ``key_aggregation``. Per forward call, per thread: ``call`` (what the call tells the layer;
+    the layer writes its decision there, and the editor's routing state keeps it).
 
     A forward routes each sequence (inference) unless one of the context managers, which always
     restore what was there before, says otherwise: :meth:`disabled` (the original layer),
@@ -207,15 +208,6 @@ class MemoirLayer(nn.Module):
     @call.setter
     def call(self, value: CallContext | None) -> None:
         self._per_thread.call = value
-
-    @property
-    def last_decision(self) -> RouteDecision | None:
-        """The routing decision this thread's last routed forward made."""
-        return getattr(self._per_thread, "last_decision", None)
-
-    @last_decision.setter
-    def last_decision(self, value: RouteDecision | None) -> None:
-        self._per_thread.last_decision = value
 
     @property
     def num_masks(self) -> int:
@@ -408,7 +400,6 @@ class MemoirLayer(nn.Module):
         decision = RouteDecision(index, overlap, self._min_overlap(), self.bank_bits)
         if call is not None:
             call.decision = decision
-        self.last_decision = decision
         return decision
 
     def _min_overlap(self) -> int:

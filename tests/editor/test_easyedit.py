@@ -172,7 +172,7 @@ def test_sequential_editing_weights_copy_and_reset(tiny):
                                                             .squeeze(1)))
     assert torch.equal(out.logits, same.logits)
     assert _target_accuracy(out.logits, batch, last) == [1.0] * len(EDITS)  # every row routed on its own
-    assert editor.memoir_editor.layer.last_decision.index.tolist() == [0, 1, 2]
+    assert editor.memoir_editor.last_decision.index.tolist() == [0, 1, 2]
     assert editor.config is hparams and editor.device == model.device  # model attributes pass through
 
     weights_copy()

@@ -96,7 +96,7 @@ def test_a_chat_templated_prompt_routes_to_its_edit_by_its_user_message(char_tok
                                    padding=True)
             with torch.no_grad():
                 editor(**batch)
-            decision = editor.layer.last_decision
+            decision = editor.last_decision
         assert decision.gate.tolist() == [True, False] and int(decision.index[0]) == 0
         answer = editor.chat(EDITS[0][0], max_new_tokens=12)
         assert isinstance(answer, str)

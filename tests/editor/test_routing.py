@@ -19,7 +19,7 @@ def test_batch_routes_each_row_like_alone(editor, char_tokenizer, side):
     batch = encode(char_tokenizer, MIXED, side)
     with torch.no_grad():
         batched = editor(**batch).logits
-    decision = editor.layer.last_decision
+    decision = editor.last_decision
     assert decision.gate.tolist() == [True, False, True, False, True]
     assert decision.index[decision.gate].tolist() == [0, 2, 1]
     for row, text in enumerate(MIXED):
@@ -28,7 +28,7 @@ def test_batch_routes_each_row_like_alone(editor, char_tokenizer, side):
             single = editor(**alone).logits[0]
         real = batch["attention_mask"][row].bool()
         torch.testing.assert_close(batched[row][real], single, rtol=1e-4, atol=1e-4)
-        assert editor.layer.last_decision.gate.item() == decision.gate[row].item()
+        assert editor.last_decision.gate.item() == decision.gate[row].item()
 
 
 def test_row_zero_does_not_decide_for_the_batch(editor, char_tokenizer):
@@ -36,7 +36,7 @@ def test_row_zero_does_not_decide_for_the_batch(editor, char_tokenizer):
     batch = encode(char_tokenizer, [UNRELATED[1], EDITS[0][0]])
     with torch.no_grad():
         editor(**batch)
-    assert editor.layer.last_decision.gate.tolist() == [False, True]
+    assert editor.last_decision.gate.tolist() == [False, True]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -70,6 +70,6 @@ def test_prompt_lengths_limit_the_key_to_the_prompt(editor, char_tokenizer):
     n_prompt = len(char_tokenizer(prompt)["input_ids"])
     with torch.no_grad():
         editor(**full, prompt_lengths=[n_prompt])
-    assert editor.layer.last_decision.overlap.item() == editor.layer.top_k  # exactly the edit's own mask
+    assert editor.last_decision.overlap.item() == editor.layer.top_k  # exactly the edit's own mask
     with pytest.raises(ValueError, match="prompt_lengths"):
         editor(**full, prompt_lengths=[1, 2])
