@@ -164,30 +164,19 @@ if HAS_TRITON:
         return prefix
 
     @triton.jit
-    def _tophash_kernel(
-        acts_ptr, acts_batch_stride, acts_token_stride,
-        window_ptr, mu_ptr, inv_perm_ptr, scratch_ptr, out_ptr,
-        tokens, dim, words, k,
-        HAS_WINDOW: tl.constexpr, HAS_MU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WORDS: tl.constexpr,
-    ):
-        """key = sum_t w_t a_t / max(sum_t w_t, 1) - mu;  S = top-k |key| (ties: lower index);
-        bits[j // 64] |= [inv_perm[j] in S] << (j % 64).  One program per sequence.
-
-        Offsets that multiply a sequence or token index by a stride or a length are int64: in int32
-        ``row * acts_batch_stride`` wraps once a batch holds 2^31 elements (150k tokens at D 14336)."""
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK_D)
-        in_dim = offs < dim
+    def _window_sum(token, window_row, first, last, acts_token_stride, in_dim, HAS_WINDOW: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        """(sum_t w_t a_t, sum_t w_t) over tokens first..last-1 of one sequence, in token order;
+        ``token`` points at token ``first``'s columns and is advanced by the token stride (a 64-bit
+        pointer add, no product to wrap; formed from t * stride in the loop, the int64 product
+        spilled 556 B at BLOCK_D 16384)."""
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         count = tl.zeros([1], dtype=tl.float32)
-        # Advanced by the token stride (a 64-bit pointer add, no product to wrap); formed from
-        # t * stride in the loop, the int64 product spilled 556 B at BLOCK_D 16384.
-        token = acts_ptr + row * acts_batch_stride + offs
-        for t in range(tokens):
+        for t in range(first, last):
             # Window weights multiply (not skip) the token, as the reference's einsum does; no
             # window is weight 1 everywhere, the same arithmetic as an all-true window.
             if HAS_WINDOW:
-                weight = tl.load(window_ptr + row * tokens + t + tl.arange(0, 1)).to(tl.float32)
+                weight = tl.load(window_row + t + tl.arange(0, 1)).to(tl.float32)
             else:
                 weight = tl.full([1], 1.0, tl.float32)
             x = tl.load(token, mask=in_dim, other=0.0)
@@ -195,6 +184,65 @@ if HAS_TRITON:
             # Loaded then converted at once: half types are only storage, the arithmetic is fp32.
             acc += x.to(tl.float32) * weight
             count += weight
+        return acc, count
+
+    @triton.jit
+    def _tophash_partial_kernel(
+        acts_ptr, acts_batch_stride, acts_token_stride, window_ptr, partial_ptr, count_ptr,
+        tokens, dim, chunk,
+        HAS_WINDOW: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """First step of a long prompt's key: program (b, c, j) sums tokens [c * chunk, (c + 1) *
+        chunk) of sequence b over columns [j * BLOCK_D, (j + 1) * BLOCK_D) into
+        partial[b, c, columns] (and the window weights into count[b, c])."""
+        row = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1)
+        chunks = tl.num_programs(1)
+        offs = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_dim = offs < dim
+        first = part * chunk
+        last = tl.minimum(first + chunk, tokens)
+        token = acts_ptr + row * acts_batch_stride + first.to(tl.int64) * acts_token_stride + offs
+        acc, count = _window_sum(token, window_ptr + row * tokens, first, last, acts_token_stride, in_dim,
+                                 HAS_WINDOW, BLOCK_D)
+        slot = row * chunks + part
+        tl.store(partial_ptr + slot * dim + offs, acc, mask=in_dim)
+        if tl.program_id(2) == 0:
+            tl.store(count_ptr + slot + tl.arange(0, 1), count)
+
+    @triton.jit
+    def _tophash_kernel(
+        acts_ptr, acts_batch_stride, acts_token_stride,
+        window_ptr, mu_ptr, inv_perm_ptr, scratch_ptr, out_ptr, partial_ptr, count_ptr,
+        tokens, dim, words, k, chunks,
+        HAS_WINDOW: tl.constexpr, HAS_MU: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_WORDS: tl.constexpr,
+    ):
+        """key = sum_t w_t a_t / max(sum_t w_t, 1) - mu;  S = top-k |key| (ties: lower index);
+        bits[j // 64] |= [inv_perm[j] in S] << (j % 64).  One program per sequence: it sums the
+        tokens itself, or (SPLIT) the ``chunks`` partial sums of :func:`_tophash_partial_kernel`
+        in chunk order.
+
+        Offsets that multiply a sequence or token index by a stride or a length are int64: in int32
+        ``row * acts_batch_stride`` wraps once a batch holds 2^31 elements (150k tokens at D 14336)."""
+        row = tl.program_id(0).to(tl.int64)
+        # D and its word count fit in int32 (the key is a register row of BLOCK_D >= D): with them
+        # as int64 (i64 arguments) the column arithmetic spilled 504 B at BLOCK_D 16384, 0 B so.
+        dim = dim.to(tl.int32)
+        words = words.to(tl.int32)
+        offs = tl.arange(0, BLOCK_D)
+        in_dim = offs < dim
+        if SPLIT:
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            count = tl.zeros([1], dtype=tl.float32)
+            partial = partial_ptr + row * chunks * dim + offs
+            for part in range(chunks):  # a fixed order: the same key bit for bit on every run
+                acc += tl.load(partial, mask=in_dim, other=0.0)
+                partial += dim
+                count += tl.load(count_ptr + row * chunks + part + tl.arange(0, 1))
+        else:
+            acc, count = _window_sum(acts_ptr + row * acts_batch_stride + offs, window_ptr + row * tokens, 0, tokens,
+                                     acts_token_stride, in_dim, HAS_WINDOW, BLOCK_D)
         key = acc / tl.maximum(count, 1.0)
         if HAS_MU:
             key = key - tl.load(mu_ptr + offs, mask=in_dim, other=0.0)
@@ -223,6 +271,22 @@ if HAS_TRITON:
             packed = tl.sum(chosen.to(tl.int64) << bit[None, :].to(tl.int64), axis=1)
             tl.store(out_ptr + row * words + word, packed, mask=word < words)
 
+    # A prompt longer than MIN_TOKENS_PER_PROGRAM tokens is summed by several programs per sequence
+    # (a 4096-token prefill at batch 1 ran on one SM): chunks of tokens_per_program(T) tokens times
+    # blocks of PARTIAL_BLOCK_D columns, then one program per sequence adds the chunks' partial sums
+    # in chunk order and selects. The chunking depends on T alone (not on the device), so a given
+    # prompt gets the same key, bit for bit, on every run and every GPU; its summation order (and
+    # so the key's last bit) differs from the unsplit kernel's and the reference's, as the
+    # reference's own (a BLAS reduction) differs from a token loop.
+    MIN_TOKENS_PER_PROGRAM = 32
+    MAX_CHUNKS = 64  # at most this many partial sums per sequence: their round trip stays <= ~6%
+    PARTIAL_BLOCK_D = 1024
+
+    def tokens_per_program(tokens: int) -> int:
+        """Tokens summed by one partial-sum program: at least MIN_TOKENS_PER_PROGRAM, a power of
+        two, and at most MAX_CHUNKS chunks per sequence."""
+        return max(MIN_TOKENS_PER_PROGRAM, triton.next_power_of_2(triton.cdiv(tokens, MAX_CHUNKS)))
+
     @triton_op("memoir::tophash_triton", mutates_args=())
     def _tophash_triton_op(
         acts: torch.Tensor, window: torch.Tensor | None, mu: torch.Tensor | None, inverse_perm: torch.Tensor, k: int
@@ -231,12 +295,26 @@ if HAS_TRITON:
         words = num_words(dim)
         out = torch.empty(batch, words, dtype=torch.int64, device=acts.device)
         scratch = torch.empty(batch, dim, dtype=torch.int32, device=acts.device)
+        window_arg = window if window is not None else acts
+        chunk = tokens_per_program(tokens)
+        chunks = triton.cdiv(tokens, chunk)
+        split = chunks > 1
+        if split:
+            partial = torch.empty(batch, chunks, dim, dtype=torch.float32, device=acts.device)
+            count = torch.empty(batch, chunks, dtype=torch.float32, device=acts.device)
+            block = min(PARTIAL_BLOCK_D, triton.next_power_of_2(dim))
+            wrap_triton(_tophash_partial_kernel)[(batch, chunks, triton.cdiv(dim, block))](
+                acts, acts.stride(0), acts.stride(1), window_arg, partial, count, tokens, dim, chunk,
+                HAS_WINDOW=window is not None, BLOCK_D=block, num_warps=4,
+            )
+        else:
+            partial = count = scratch  # unread: SPLIT is off
         block_d = triton.next_power_of_2(dim)
         wrap_triton(_tophash_kernel)[(batch,)](
-            acts, acts.stride(0), acts.stride(1), window if window is not None else acts, mu if mu is not None else acts,
-            inverse_perm, scratch, out, tokens, dim, words, k,
-            HAS_WINDOW=window is not None, HAS_MU=mu is not None, BLOCK_D=block_d, BLOCK_WORDS=min(16, triton.next_power_of_2(words)),
-            num_warps=8 if block_d >= 4096 else 4,
+            acts, acts.stride(0), acts.stride(1), window_arg, mu if mu is not None else acts,
+            inverse_perm, scratch, out, partial, count, tokens, dim, words, k, chunks,
+            HAS_WINDOW=window is not None, HAS_MU=mu is not None, SPLIT=split, BLOCK_D=block_d,
+            BLOCK_WORDS=min(16, triton.next_power_of_2(words)), num_warps=8 if block_d >= 4096 else 4,
         )
         return out
 

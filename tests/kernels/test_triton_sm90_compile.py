@@ -56,11 +56,18 @@ SCRIPT = textwrap.dedent('''
     # either way; the i64 build checks they still compile, fit in shared memory and do not spill.
     for size in ("i32", "i64"):
         for has_window in (True, False):
-            build(tophash._tophash_kernel,
-                  {"acts_ptr": "*bf16", "acts_batch_stride": size, "acts_token_stride": size, "window_ptr": "*i1",
-                   "mu_ptr": "*fp32", "inv_perm_ptr": "*i64", "scratch_ptr": "*i32", "out_ptr": "*i64",
-                   "tokens": size, "dim": size, "words": size, "k": "i32"},
-                  {"HAS_WINDOW": has_window, "HAS_MU": True, "BLOCK_D": 16384, "BLOCK_WORDS": 16}, num_warps=8)
+            acts = {"acts_ptr": "*bf16", "acts_batch_stride": size, "acts_token_stride": size, "window_ptr": "*i1"}
+            # A long prompt: partial sums over chunks of tokens and blocks of columns, then the select.
+            build(tophash._tophash_partial_kernel,
+                  dict(acts, partial_ptr="*fp32", count_ptr="*fp32", tokens=size, dim=size, chunk=size),
+                  {"HAS_WINDOW": has_window, "BLOCK_D": tophash.PARTIAL_BLOCK_D}, num_warps=4)
+            for split in (False, True):
+                build(tophash._tophash_kernel,
+                      dict(acts, mu_ptr="*fp32", inv_perm_ptr="*i64", scratch_ptr="*i32", out_ptr="*i64",
+                           partial_ptr="*fp32", count_ptr="*fp32", tokens=size, dim=size, words=size, k="i32",
+                           chunks=size),
+                      {"HAS_WINDOW": has_window, "HAS_MU": True, "SPLIT": split, "BLOCK_D": 16384, "BLOCK_WORDS": 16},
+                      num_warps=8)
         build(fused._tophash_residual_kernel,
               {"key_ptr": "*fp32", "inv_perm_ptr": "*i64", "a_ptr": "*bf16", "mem_ptr": "*fp32", "out_ptr": "*bf16",
                "tokens": size, "dim": size, "hidden": size, "k": "i32", "stride_a": size},
