@@ -103,6 +103,7 @@ def cmd_eval(args) -> int:
         evaluate_sequential,
         load_zsre,
         sweep_thresholds,
+        unedited_scores,
     )
 
     torch.manual_seed(0)
@@ -117,15 +118,17 @@ def cmd_eval(args) -> int:
     if args.load_memory and args.irr_threshold is not None:
         editor.set_threshold(args.irr_threshold)
     background = [] if args.no_background else background_sentences(loc_records, editor.config.num_background)
+    baseline = unedited_scores(editor, edits)
     report = evaluate_sequential(editor, edits, background,
                                  progress=not args.quiet, apply_edits=not args.load_memory,
                                  points=curve_points(len(edits), args.curve_points),
-                                 checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every)
+                                 checkpoint_dir=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                                 baseline=baseline)
     report.update(stream)
     report["config"] = editor.config.to_dict()
     report["model"] = args.model
     if args.sweep_threshold:
-        report["threshold_sweep"] = sweep_thresholds(editor, edits, report)
+        report["threshold_sweep"] = sweep_thresholds(editor, edits, report, baseline)
     if args.generate:
         from .generation_eval import generation_scores
 
@@ -144,7 +147,6 @@ def cmd_eval(args) -> int:
         print("\ntau    Rel    Gen    Loc")
         for row in report["threshold_sweep"]:
             print(f"{row['tau']:.2f}  {row['rel']:.3f}  {row['gen']:.3f}  {row['loc']:.3f}")
-    report.pop("_loc_before", None)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

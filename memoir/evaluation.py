@@ -16,7 +16,8 @@ from .training import EditResult
 
 __all__ = ["load_zsre", "edit_records", "edit_stream", "first_of_each_subject", "background_sentences",
            "teacher_forced", "evaluate_sequential", "ScoredBatch", "curve_points", "later_contradictions",
-           "chat_prompt", "chat_scores"]
+           "chat_prompt", "chat_scores", "Baseline", "unedited_scores", "run_stream", "score_memory",
+           "registered_results", "sweep_thresholds"]
 
 
 def load_zsre(path) -> list[dict]:
@@ -148,76 +149,88 @@ def curve_points(total: int, count: int = 4) -> list[int]:
     return sorted({max(1, round(total * (i + 1) / count)) for i in range(count)})
 
 
-def _score_prefix(editor, prompts, targets, rephrases, locs, loc_answers, loc_before, count: int) -> dict:
+def _score_prefix(editor, records: list[dict], baseline: Baseline, count: int) -> dict:
     """Rel/Gen/Loc of the first ``count`` records, as the memory stands now."""
-    rel = teacher_forced(editor, prompts[:count], targets[:count])
-    gen = teacher_forced(editor, rephrases[:count], targets[:count])
-    loc = _agreement(teacher_forced(editor, locs[:count], loc_answers[:count]).predictions, loc_before[:count])
+    done = records[:count]
+    rel = teacher_forced(editor, [r["src"] for r in done], [r["alt"] for r in done])
+    gen = teacher_forced(editor, [r["rephrase"] for r in done], [r["alt"] for r in done])
+    loc = _agreement(teacher_forced(editor, [r["loc"] for r in done], [r["loc_ans"] for r in done]).predictions,
+                     baseline.loc.predictions[:count])
     return {"edits": count, "rel": _mean(rel.accuracy), "gen": _mean(gen.accuracy), "loc": _mean(loc)}
 
 
-def evaluate_sequential(editor, records: list[dict], background: list[str], progress: bool = True,
-                        apply_edits: bool = True, points: Sequence[int] = (), checkpoint_dir=None,
-                        checkpoint_every: int = 100) -> dict:
-    """Fit mu, apply every record as an edit in order, then score all of them.
+@dataclass
+class Baseline:
+    """The unedited model's scores of a stream's records (the memory off), computed once."""
 
-    ``points`` are edit counts (< len(records)) at which the edits made so far are also scored
-    while the run goes on (Rel/Gen/Loc as edits accumulate, in ``report["curve"]``). With
-    ``checkpoint_dir`` the edits are checkpointed there and a rerun resumes from it; the curve
-    points scored so far are kept beside the checkpoint (``curve.json``) and carried into the
-    resumed run's report.
+    pre_rel: ScoredBatch
+    pre_gen: ScoredBatch
+    loc: ScoredBatch  # its predictions on the unrelated prompts are what Loc compares with
 
-    Returns the report dict: ``rel``, ``gen``, ``loc``, ``avg``, ``pre_rel``, ``pre_gen``,
-    ``edits``, ``sec_per_edit``, ``overlap_edit``, ``overlap_rephrase``, ``overlap_unrelated``,
-    ``curve`` and details (per-record scores, routing accuracy, Rel by edit age).
-    """
-    prompts = [r["src"] for r in records]
-    targets = [r["alt"] for r in records]
-    rephrases = [r["rephrase"] for r in records]
-    locs = [r["loc"] for r in records]
-    loc_answers = [r["loc_ans"] for r in records]
 
+def unedited_scores(editor, records: list[dict]) -> Baseline:
+    """:class:`Baseline` of ``records``: Rel, Gen and the unrelated prompts' predictions, memory off."""
     with editor.unedited():  # the unedited model, whatever the memory holds already
-        pre_rel = teacher_forced(editor, prompts, targets)
-        pre_gen = teacher_forced(editor, rephrases, targets)
-        loc_before = teacher_forced(editor, locs, loc_answers)
+        return Baseline(teacher_forced(editor, [r["src"] for r in records], [r["alt"] for r in records]),
+                        teacher_forced(editor, [r["rephrase"] for r in records], [r["alt"] for r in records]),
+                        teacher_forced(editor, [r["loc"] for r in records], [r["loc_ans"] for r in records]))
 
-    if apply_edits:
-        if background and not editor.layer.has_background:
-            editor.fit_background(background[: editor.config.num_background])
-        requests = [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
-        wanted = {p for p in points if 0 < p < len(records)}
-        curve_file = Path(checkpoint_dir) / "curve.json" if checkpoint_dir is not None else None
-        curve = _read_curve(curve_file)
 
-        def score_point(done: int) -> None:
-            if done in wanted:
-                curve[:] = [p for p in curve if p["edits"] != done]
-                curve.append(_score_prefix(editor, prompts, targets, rephrases, locs, loc_answers,
-                                           loc_before.predictions, done))
-                _write_curve(curve_file, curve)
+def run_stream(editor, records: list[dict], background: list[str], baseline: Baseline, progress: bool = True,
+               points: Sequence[int] = (), checkpoint_dir=None, checkpoint_every: int = 100
+               ) -> tuple[list[EditResult], list[dict]]:
+    """Fit mu (when the memory has none), apply every record as an edit in order, and score the
+    edits made so far at each of ``points`` (edit counts < len(records)) while it goes on.
 
-        results = editor.edit_many(requests, progress=progress, checkpoint_dir=checkpoint_dir,
-                                   checkpoint_every=checkpoint_every, on_edit=score_point)
-    else:  # a loaded memory holding these edits: score it as it is; each edit's row from its registry
-        results = [EditResult(p, t, [], _registered_row(editor, p, t)) for p, t in zip(prompts, targets, strict=True)]
-        curve = []
+    With ``checkpoint_dir`` the edits are checkpointed there and a rerun resumes from it; the
+    curve points scored so far are kept beside the checkpoint (``curve.json``) and carried over.
+    Returns the edits' results and the curve points.
+    """
+    prompts, targets = [r["src"] for r in records], [r["alt"] for r in records]
+    if background and not editor.layer.has_background:
+        editor.fit_background(background[: editor.config.num_background])
+    wanted = {p for p in points if 0 < p < len(records)}
+    curve_file = Path(checkpoint_dir) / "curve.json" if checkpoint_dir is not None else None
+    curve = _read_curve(curve_file)
 
-    rel = teacher_forced(editor, prompts, targets)
-    gen = teacher_forced(editor, rephrases, targets)
-    loc_after = teacher_forced(editor, locs, loc_answers)
-    loc_scores = _agreement(loc_after.predictions, loc_before.predictions)
+    def score_point(done: int) -> None:
+        if done in wanted:
+            curve[:] = [p for p in curve if p["edits"] != done]
+            curve.append(_score_prefix(editor, records, baseline, done))
+            _write_curve(curve_file, curve)
+
+    requests = [{"prompt": p, "target": t} for p, t in zip(prompts, targets, strict=True)]
+    results = editor.edit_many(requests, progress=progress, checkpoint_dir=checkpoint_dir,
+                               checkpoint_every=checkpoint_every, on_edit=score_point)
+    return results, curve
+
+
+def registered_results(editor, records: list[dict]) -> list[EditResult]:
+    """For a loaded memory holding ``records``' edits: each edit's bank row from its registry."""
+    return [EditResult(r["src"], r["alt"], [], _registered_row(editor, r["src"], r["alt"])) for r in records]
+
+
+def score_memory(editor, records: list[dict], results: list[EditResult], baseline: Baseline,
+                 curve: list[dict] = (), timed: bool = True) -> dict:
+    """The report of the memory as it stands: ``rel``, ``gen``, ``loc``, ``avg``, ``pre_rel``,
+    ``pre_gen``, ``edits``, ``sec_per_edit`` (NaN unless ``timed``: edits made in this run),
+    ``overlap_*``, routing accuracy, Rel by edit age and by contradiction, ``curve`` (ending
+    with this point) and ``per_record`` details."""
+    rel = teacher_forced(editor, [r["src"] for r in records], [r["alt"] for r in records])
+    gen = teacher_forced(editor, [r["rephrase"] for r in records], [r["alt"] for r in records])
+    loc_after = teacher_forced(editor, [r["loc"] for r in records], [r["loc_ans"] for r in records])
+    loc_scores = _agreement(loc_after.predictions, baseline.loc.predictions)
     own_rows = [r.mask_row for r in results]
     report = {
         "edits": len(records),
         "rel": _mean(rel.accuracy),
         "gen": _mean(gen.accuracy),
         "loc": _mean(loc_scores),
-        "pre_rel": _mean(pre_rel.accuracy),
-        "pre_gen": _mean(pre_gen.accuracy),
+        "pre_rel": _mean(baseline.pre_rel.accuracy),
+        "pre_gen": _mean(baseline.pre_gen.accuracy),
         # Each edit's own time (kept across a resume); NaN for a loaded memory, which made none here.
-        "sec_per_edit": _mean(r.seconds for r in results) if apply_edits else float("nan"),
-        "median_sec_per_edit": statistics.median(r.seconds for r in results) if apply_edits else float("nan"),
+        "sec_per_edit": _mean(r.seconds for r in results) if timed else float("nan"),
+        "median_sec_per_edit": statistics.median(r.seconds for r in results) if timed else float("nan"),
         "mean_iterations": _mean(r.iterations for r in results),
         "mean_final_loss": _mean(r.final_loss for r in results),
         "mean_rehearsed": _mean(r.rehearsed for r in results),
@@ -241,8 +254,21 @@ def evaluate_sequential(editor, records: list[dict], background: list[str], prog
     report["avg"] = (report["rel"] + report["gen"] + report["loc"]) / 3
     final_point = {key: report[key] for key in ("edits", "rel", "gen", "loc")}
     report["curve"] = sorted(curve, key=lambda p: p["edits"]) + [final_point]
-    report["_loc_before"] = loc_before.predictions
     return report
+
+
+def evaluate_sequential(editor, records: list[dict], background: list[str], progress: bool = True,
+                        apply_edits: bool = True, points: Sequence[int] = (), checkpoint_dir=None,
+                        checkpoint_every: int = 100, baseline: Baseline | None = None) -> dict:
+    """:func:`run_stream` then :func:`score_memory` (see both); with ``apply_edits=False`` the
+    memory already holds the edits (a loaded one) and is scored as it is. ``baseline`` from
+    :func:`unedited_scores` when the caller has it already."""
+    baseline = baseline if baseline is not None else unedited_scores(editor, records)
+    if not apply_edits:
+        return score_memory(editor, records, registered_results(editor, records), baseline, timed=False)
+    results, curve = run_stream(editor, records, background, baseline, progress, points, checkpoint_dir,
+                                checkpoint_every)
+    return score_memory(editor, records, results, baseline, curve)
 
 
 def chat_scores(editor, records: list[dict]) -> dict:
@@ -287,11 +313,12 @@ def _write_curve(path: Path | None, curve: list[dict]) -> None:
     tmp.replace(path)
 
 
-def sweep_thresholds(editor, records: list[dict], report: dict,
+def sweep_thresholds(editor, records: list[dict], report: dict, baseline: Baseline,
                      taus: tuple[float, ...] = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)) -> list[dict]:
     """Rel/Gen/Loc of the same memory for several tau: routing is re-run, edits are not.
 
-    ``report`` is :func:`evaluate_sequential`'s, scored at the layer's current tau. The nearest mask
+    ``report`` is :func:`evaluate_sequential`'s, scored at the layer's current tau, and
+    ``baseline`` the unedited scores it was made with. The nearest mask
     does not depend on tau, only the gate (overlap / k >= tau) does, and each row routes on its own,
     so a row is scored again only where its gate differs from the report's; the others keep their
     scores (on the final T = 1000 memory the whole eval with the sweep took 30 min on one core; scoring
@@ -306,7 +333,7 @@ def sweep_thresholds(editor, records: list[dict], report: dict,
         "gen": ([r["rephrase"] for r in records], [r["alt"] for r in records], per_record["gen"],
                 per_record["overlap_rephrase"], None),
         "loc": ([r["loc"] for r in records], [r["loc_ans"] for r in records], per_record["loc"],
-                per_record["overlap_unrelated"], report["_loc_before"]),
+                per_record["overlap_unrelated"], baseline.loc.predictions),
     }
     rows = []
     try:

@@ -10,6 +10,7 @@ from memoir.evaluation import (
     evaluate_sequential,
     sweep_thresholds,
     teacher_forced,
+    unedited_scores,
 )
 
 pytestmark = pytest.mark.slow
@@ -20,13 +21,15 @@ def ten_edit_report(smollm2, zsre_records):
     model, tokenizer = smollm2
     editor = memoir.attach(model, tokenizer)
     edits, _ = edit_records(zsre_records, 10)
-    report = evaluate_sequential(editor, edits, background_sentences(zsre_records[1000:2000], 100), progress=False)
-    yield editor, report
+    baseline = unedited_scores(editor, edits)
+    report = evaluate_sequential(editor, edits, background_sentences(zsre_records[1000:2000], 100), progress=False,
+                                 baseline=baseline)
+    yield editor, report, baseline
     editor.detach()
 
 
 def test_ten_sequential_zsre_edits(ten_edit_report):
-    _, report = ten_edit_report
+    _, report, _ = ten_edit_report
     assert report["rel"] >= 0.9, report
     assert report["loc"] >= 0.95, report
     assert report["rel"] > report["pre_rel"] + 0.5  # the edits changed the answers
@@ -34,7 +37,7 @@ def test_ten_sequential_zsre_edits(ten_edit_report):
 
 
 def test_unrelated_prompts_are_bitwise_untouched(ten_edit_report, zsre_records):
-    editor, report = ten_edit_report
+    editor, _, _ = ten_edit_report
     locs = [r["loc"] for r in zsre_records[1000:1010]]
     route = editor.route(locs)
     ungated = [i for i, gate in enumerate(route["gate"]) if not gate]
@@ -48,7 +51,7 @@ def test_unrelated_prompts_are_bitwise_untouched(ten_edit_report, zsre_records):
 
 
 def test_generate_writes_the_new_fact(ten_edit_report, zsre_records):
-    editor, _ = ten_edit_report
+    editor, _, _ = ten_edit_report
     record = zsre_records[0]
     batch = editor.tokenizer([record["src"]], return_tensors="pt")
     out = editor.generate(**batch, max_new_tokens=8, do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -57,10 +60,10 @@ def test_generate_writes_the_new_fact(ten_edit_report, zsre_records):
 
 
 def test_threshold_sweep_equals_scoring_everything_at_each_tau(ten_edit_report, zsre_records):
-    editor, report = ten_edit_report
+    editor, report, baseline = ten_edit_report
     edits, _ = edit_records(zsre_records, 10)
     taus = (0.4, 0.5, 0.55, 0.7, 0.9)
-    sweep = sweep_thresholds(editor, edits, report, taus)
+    sweep = sweep_thresholds(editor, edits, report, baseline, taus)
     original = editor.layer.irr_threshold
     expected = []
     try:
@@ -69,7 +72,7 @@ def test_threshold_sweep_equals_scoring_everything_at_each_tau(ten_edit_report, 
             rel = teacher_forced(editor, [r["src"] for r in edits], [r["alt"] for r in edits])
             gen = teacher_forced(editor, [r["rephrase"] for r in edits], [r["alt"] for r in edits])
             loc = teacher_forced(editor, [r["loc"] for r in edits], [r["loc_ans"] for r in edits])
-            agree = [float((a == b).float().mean()) for a, b in zip(loc.predictions, report["_loc_before"], strict=True)]
+            agree = [float((a == b).float().mean()) for a, b in zip(loc.predictions, baseline.loc.predictions, strict=True)]
             expected.append({"tau": tau, "rel": sum(rel.accuracy) / 10, "gen": sum(gen.accuracy) / 10,
                              "loc": sum(agree) / 10})
     finally:
