@@ -51,7 +51,7 @@ def _bandwidth(bank: torch.Tensor, seconds: float) -> float:
 def test_cpu_kernel(benchmark, record, n, batch):
     query, bank = _data(n, batch)
     benchmark.group = f"mask_search cpu N={n} B={batch}"
-    benchmark(torch.ops.memoir.mask_search, query, bank)
+    benchmark(torch.ops.memoir.mask_search_native, query, bank)
     record(bank=n, batch=batch, impl="memoir C++", popcount=torch.ops.memoir.cpu_popcount(),
            gb_per_s=_bandwidth(bank, benchmark.stats.stats.median))
 
@@ -85,8 +85,8 @@ def test_torch_reference(benchmark, record, n, batch):
 def test_gpu_kernel(benchmark, record, sync, device_time, copy_gbps, n, batch):
     query, bank = _data(n, batch, "cuda")
     benchmark.group = f"mask_search gpu N={n} B={batch}"
-    benchmark(sync(torch.ops.memoir.mask_search), query, bank)
-    device_s = device_time(torch.ops.memoir.mask_search, query, bank)
+    benchmark(sync(torch.ops.memoir.mask_search_native), query, bank)
+    device_s = device_time(torch.ops.memoir.mask_search_native, query, bank)
     gbps = _bandwidth(bank, device_s)
     record(bank=n, batch=batch, impl="memoir CUDA", device_s=device_s, gb_per_s=gbps, pct_of_copy=100 * gbps / copy_gbps)
 

@@ -56,7 +56,7 @@ def _group(where: str, n: int, dim: int, batch: int) -> str:
 def test_cpu_kernel(benchmark, record, n, dim, batch):
     query, bank = _data(n, dim, batch)
     benchmark.group = _group("cpu", n, dim, batch)
-    benchmark(torch.ops.memoir.mask_search_topk, query, bank, R)
+    benchmark(torch.ops.memoir.mask_search_topk_native, query, bank, R)
     record(bank=n, dim=dim, batch=batch, r=R, impl="memoir C++", popcount=torch.ops.memoir.cpu_popcount(),
            gb_per_s=_bandwidth(bank, benchmark.stats.stats.median))
 
@@ -95,8 +95,8 @@ def test_faiss_binary_flat(benchmark, record, n, dim, batch):
 def test_gpu_kernel(benchmark, record, sync, device_time, copy_gbps, n, dim, batch):
     query, bank = _data(n, dim, batch, "cuda")
     benchmark.group = _group("gpu", n, dim, batch)
-    benchmark(sync(torch.ops.memoir.mask_search_topk), query, bank, R)
-    device_s = device_time(torch.ops.memoir.mask_search_topk, query, bank, R)
+    benchmark(sync(torch.ops.memoir.mask_search_topk_native), query, bank, R)
+    device_s = device_time(torch.ops.memoir.mask_search_topk_native, query, bank, R)
     gbps = _bandwidth(bank, device_s)
     record(bank=n, dim=dim, batch=batch, r=R, impl="memoir CUDA", device_s=device_s, gb_per_s=gbps,
            pct_of_copy=100 * gbps / copy_gbps)

@@ -1,5 +1,6 @@
-// Registers the native ops under the `memoir` namespace: torch.ops.memoir.mask_search(query, bank) and
-// torch.ops.memoir.mask_search_topk(query, bank, r).
+// Registers the native kernels under the `memoir` namespace: torch.ops.memoir.mask_search_native(query,
+// bank) and torch.ops.memoir.mask_search_topk_native(query, bank, r). The public ops memoir::mask_search
+// and memoir::mask_search_topk (memoir_kernels/mask_search*.py) call them when the backend is native.
 // Inputs are checked here so the raw kernels can assume contiguous int64 data.
 #include <torch/extension.h>
 
@@ -150,27 +151,27 @@ std::string cpu_popcount() {
 }  // namespace
 
 TORCH_LIBRARY(memoir, m) {
-  m.def("mask_search(Tensor query, Tensor bank) -> (Tensor, Tensor)");
-  m.def("mask_search_topk(Tensor query, Tensor bank, int r) -> (Tensor, Tensor)");
+  m.def("mask_search_native(Tensor query, Tensor bank) -> (Tensor, Tensor)");
+  m.def("mask_search_topk_native(Tensor query, Tensor bank, int r) -> (Tensor, Tensor)");
   m.def("has_cuda() -> bool", &has_cuda);
   m.def("cpu_popcount() -> str", &cpu_popcount);
 }
 
 TORCH_LIBRARY_IMPL(memoir, CPU, m) {
-  m.impl("mask_search", &mask_search_cpu);
-  m.impl("mask_search_topk", &mask_search_topk_cpu);
+  m.impl("mask_search_native", &mask_search_cpu);
+  m.impl("mask_search_topk_native", &mask_search_topk_cpu);
 }
 
 #ifdef MEMOIR_WITH_CUDA
 TORCH_LIBRARY_IMPL(memoir, CUDA, m) {
-  m.impl("mask_search", &mask_search_cuda);
-  m.impl("mask_search_topk", &mask_search_topk_cuda);
+  m.impl("mask_search_native", &mask_search_cuda);
+  m.impl("mask_search_topk_native", &mask_search_topk_cuda);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(memoir, Meta, m) {
-  m.impl("mask_search", &mask_search_meta);
-  m.impl("mask_search_topk", &mask_search_topk_meta);
+  m.impl("mask_search_native", &mask_search_meta);
+  m.impl("mask_search_topk_native", &mask_search_topk_meta);
 }
 
 // An importable module, so `import memoir_kernels._C` loads the library and runs the registrations.

@@ -302,12 +302,15 @@ class MemoirLayer(nn.Module):
             return torch.where(gate, out + residual, out)
         # The edited layer's routed forward: tophash + mask_search (in _decide, skipped when a
         # decision is reused) and one down projection that gathers each row's stored mask, compares
-        # its overlap with the threshold, adds the residual to the base output of gated rows and
-        # copies the rest (ungated rows are the original output bit for bit). Three launches on top
-        # of the original module, none reading a device value back.
+        # its overlap with the threshold and adds the residual to the base output of gated rows
+        # (ungated rows are the original output bit for bit). Three launches on top of the original
+        # module, none reading a device value back. On a GPU the sum is written into the base
+        # output itself, so an ungated row is neither read nor copied; not where autograd may have
+        # kept that output, and not on CPU, where the reference would add a copy instead.
+        in_place = out.is_cuda and not out.requires_grad
         edited = memoir_down_proj_routed(
             acts.reshape(-1, self.in_features), self.memory, acts.shape[1], decision.bank_bits, decision.index,
-            decision.overlap, decision.min_overlap, base=out.reshape(-1, self.out_features),
+            decision.overlap, decision.min_overlap, base=out.reshape(-1, self.out_features), in_place=in_place,
         )
         return edited.view_as(out)
 

@@ -1,6 +1,9 @@
 """memoir_kernels: the hot-path ops of MEMOIR editing, with exact PyTorch references.
 
-Importable without CUDA and without transformers. Every op dispatches through one switch,
+Importable without CUDA and without transformers. Every public op is one registered
+``torch.library`` op (``torch.ops.memoir.<name>``: the PyTorch reference on every device, the
+compiled and Triton kernels for CPU and CUDA tensors, a fake implementation for tracing), and
+picks its kernel through one switch,
 ``MEMOIR_BACKEND=auto|native|triton|torch`` (see :mod:`memoir_kernels.backend`), read once;
 :func:`set_backend` / :func:`use_backend` change it at run time.
 """

@@ -10,9 +10,15 @@ import torch
 
 __all__ = ["num_words", "pack_bits", "unpack_bits", "popcount_bytes"]
 
-_BIT_VALUES = torch.tensor([1 << j if j < 63 else -(1 << 63) for j in range(64)], dtype=torch.int64)
 # popcount of every byte value, used by the reference search (torch has no int64 popcount).
 _BYTE_POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int32)
+
+
+def _bit_values(device) -> torch.Tensor:
+    """``[64]`` int64: the value of each bit of a word (bit 63 is the sign bit). Built per call, on
+    the device, so that traced code (fake tensors, torch.compile) holds no constant from outside."""
+    return torch.ones(64, dtype=torch.int64, device=device).bitwise_left_shift(
+        torch.arange(64, dtype=torch.int64, device=device))
 
 
 def num_words(dim: int) -> int:
@@ -28,7 +34,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     words = num_words(dim)
     padded = torch.zeros(*mask.shape[:-1], words * 64, dtype=torch.bool, device=mask.device)
     padded[..., :dim] = mask
-    values = _BIT_VALUES.to(mask.device)
+    values = _bit_values(mask.device)
     grouped = padded.view(*mask.shape[:-1], words, 64).to(torch.int64)
     # Bits within a word are disjoint powers of two, so the sum is their OR (no carries).
     return (grouped * values).sum(dim=-1)
@@ -40,7 +46,7 @@ def unpack_bits(bits: torch.Tensor, dim: int) -> torch.Tensor:
         raise TypeError(f"unpack_bits expects int64 words, got {bits.dtype}")
     if bits.shape[-1] != num_words(dim):
         raise ValueError(f"{bits.shape[-1]} words cannot hold exactly {dim} bits")
-    values = _BIT_VALUES.to(bits.device)
+    values = _bit_values(bits.device)
     expanded = (bits.unsqueeze(-1) & values) != 0
     return expanded.reshape(*bits.shape[:-1], bits.shape[-1] * 64)[..., :dim]
 

@@ -15,7 +15,7 @@ import torch
 __all__ = ["native_available", "native_unavailable_reason", "native_has_cuda"]
 
 # Every op the compiled extension registers; a build missing one (older sources) counts as unavailable.
-_NATIVE_OPS = ("mask_search", "mask_search_topk")
+_NATIVE_OPS = ("mask_search_native", "mask_search_topk_native")
 _state: dict = {"loaded": None, "reason": None, "warned": False, "has_cuda": False}
 
 

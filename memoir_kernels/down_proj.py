@@ -112,16 +112,10 @@ def memoir_down_proj(
         >>> y = memoir_down_proj(a, layer.weight, memory, rows, bits, gate, layer.bias)
     """
     _check_inputs(a, weight, memory, row_of_token, bits, gate, base)
-    # Decided on shapes only: no device value is read. The kernel writes in a's dtype; a base of
-    # another dtype keeps its own through the reference.
-    if bits.shape[0] and a.shape[0] and (base is None or base.dtype == a.dtype) and _use_triton(a):
-        per_row = 0 if torch.is_tensor(row_of_token) else row_of_token
-        return torch.ops.memoir.down_proj_triton(
-            _rows_contiguous(a), None if weight is None else weight.contiguous(), memory.contiguous(),
-            row_of_token.contiguous() if not per_row else None, per_row, bits.contiguous(), gate.contiguous(), bias,
-            None if base is None else _rows_contiguous(base),
-        )
-    return memoir_down_proj_reference(a, weight, memory, row_of_token, bits, gate, bias, base=base)
+    if bits.shape[0] == 0 and base is not None:
+        return base
+    rows, per_row = _split_rows(row_of_token)
+    return torch.ops.memoir.memoir_down_proj(a, weight, memory, rows, per_row, bits, gate, bias, base)
 
 
 def memoir_down_proj_routed_reference(
@@ -190,24 +184,115 @@ def memoir_down_proj_routed(
         >>> y = memoir_down_proj_routed(a, memory, seq_len, bank_bits, index, overlap, 220, base=layer(a))
     """
     _check_routed_inputs(a, memory, row_of_token, bank_bits, index, overlap, base)
+    if bank_bits.shape[0] == 0:  # nothing stored: no row is gated (and index holds -1)
+        return base
+    rows, per_row = _split_rows(row_of_token)
+    args = (a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base)
+    if in_place:
+        torch.ops.memoir.memoir_down_proj_routed_(*args)
+        return base
+    return torch.ops.memoir.memoir_down_proj_routed(*args)
+
+
+def _split_rows(row_of_token) -> tuple[torch.Tensor | None, int]:
+    """``row_of_token`` as the registered ops take it: ``(tensor, 0)`` or ``(None, L)``."""
+    return (row_of_token, 0) if torch.is_tensor(row_of_token) else (None, int(row_of_token))
+
+
+def _use_triton(a: torch.Tensor, base: torch.Tensor | None) -> bool:
     # Decided on shapes only: no device value is read. The kernel writes in a's dtype; a base of
     # another dtype keeps its own through the reference.
-    if bank_bits.shape[0] and a.shape[0] and base.dtype == a.dtype and _use_triton(a):
-        per_row = 0 if torch.is_tensor(row_of_token) else row_of_token
-        args = (_rows_contiguous(a), memory.contiguous(), row_of_token.contiguous() if not per_row else None, per_row,
-                bank_bits.contiguous(), index.contiguous(), overlap.contiguous(), min_overlap)
-        if not in_place:
-            return torch.ops.memoir.down_proj_routed_triton(*args, _rows_contiguous(base))
-        if _writable_rows(base):
-            torch.ops.memoir.down_proj_routed_triton_(*args, base)
-            return base
-        return base.copy_(torch.ops.memoir.down_proj_routed_triton(*args, _rows_contiguous(base)))
-    return memoir_down_proj_routed_reference(a, memory, row_of_token, bank_bits, index, overlap, min_overlap,
-                                             base=base, in_place=in_place)
+    return (a.shape[0] > 0 and (base is None or base.dtype == a.dtype)
+            and resolve_backend("memoir_down_proj", a.device) == "triton")
 
 
-def _use_triton(a: torch.Tensor) -> bool:
-    return resolve_backend("memoir_down_proj", a.device) == "triton"
+# ----------------------------------------------------------------------------- the registered ops
+# memoir::memoir_down_proj, memoir::memoir_down_proj_routed and its in-place form: the PyTorch
+# references for every device, the Triton kernels where the backend switch says triton. The
+# public functions return ``base`` itself for an empty bank before calling them (an op's output
+# never aliases its inputs).
+@torch.library.custom_op("memoir::memoir_down_proj", mutates_args=())
+def _down_proj_op(a: torch.Tensor, weight: torch.Tensor | None, memory: torch.Tensor, rows: torch.Tensor | None,
+                  per_row: int, bits: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None,
+                  base: torch.Tensor | None) -> torch.Tensor:
+    return _down_proj_reference_fresh(a, weight, memory, rows, per_row, bits, gate, bias, base)
+
+
+@_down_proj_op.register_kernel(("cpu", "cuda"))
+def _(a, weight, memory, rows, per_row, bits, gate, bias, base):
+    if not (bits.shape[0] and _use_triton(a, base)):
+        return _down_proj_reference_fresh(a, weight, memory, rows, per_row, bits, gate, bias, base)
+    return torch.ops.memoir.down_proj_triton(
+        _rows_contiguous(a), None if weight is None else weight.contiguous(), memory.contiguous(),
+        None if rows is None else rows.contiguous(), per_row, bits.contiguous(), gate.contiguous(), bias,
+        None if base is None else _rows_contiguous(base),
+    )
+
+
+@_down_proj_op.register_fake
+def _(a, weight, memory, rows, per_row, bits, gate, bias, base):
+    return a.new_empty(a.shape[0], memory.shape[1]) if base is None else torch.empty_like(base)
+
+
+def _down_proj_reference_fresh(a, weight, memory, rows, per_row, bits, gate, bias, base) -> torch.Tensor:
+    out = memoir_down_proj_reference(a, weight, memory, rows if per_row == 0 else per_row, bits, gate, bias,
+                                     base=base)
+    return out.clone() if out is base else out
+
+
+@torch.library.custom_op("memoir::memoir_down_proj_routed", mutates_args=())
+def _routed_op(a: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor | None, per_row: int,
+               bank_bits: torch.Tensor, index: torch.Tensor, overlap: torch.Tensor, min_overlap: int,
+               base: torch.Tensor) -> torch.Tensor:
+    return _routed_reference(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base, False)
+
+
+@_routed_op.register_kernel(("cpu", "cuda"))
+def _(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base):
+    if not _use_triton(a, base):
+        return _routed_reference(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base, False)
+    return torch.ops.memoir.down_proj_routed_triton(*_routed_triton_args(a, memory, rows, per_row, bank_bits, index,
+                                                                         overlap, min_overlap), _rows_contiguous(base))
+
+
+@_routed_op.register_fake
+def _(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base):
+    return torch.empty_like(base)
+
+
+@torch.library.custom_op("memoir::memoir_down_proj_routed_", mutates_args=("base",))
+def _routed_in_place_op(a: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor | None, per_row: int,
+                        bank_bits: torch.Tensor, index: torch.Tensor, overlap: torch.Tensor, min_overlap: int,
+                        base: torch.Tensor) -> None:
+    _routed_reference(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base, True)
+
+
+@_routed_in_place_op.register_kernel(("cpu", "cuda"))
+def _(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base):
+    if not _use_triton(a, base):
+        _routed_reference(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base, True)
+        return
+    args = _routed_triton_args(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap)
+    if _writable_rows(base):  # ungated tokens are neither read nor written
+        torch.ops.memoir.down_proj_routed_triton_(*args, base)
+    else:
+        base.copy_(torch.ops.memoir.down_proj_routed_triton(*args, _rows_contiguous(base)))
+
+
+@_routed_in_place_op.register_fake
+def _(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base):
+    return None
+
+
+def _routed_reference(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap, base, in_place: bool):
+    out = memoir_down_proj_routed_reference(a, memory, rows if per_row == 0 else per_row, bank_bits, index, overlap,
+                                            min_overlap, base=base, in_place=in_place)
+    return out.clone() if out is base and not in_place else out
+
+
+def _routed_triton_args(a, memory, rows, per_row, bank_bits, index, overlap, min_overlap) -> tuple:
+    return (_rows_contiguous(a), memory.contiguous(), None if rows is None else rows.contiguous(), per_row,
+            bank_bits.contiguous(), index.contiguous(), overlap.contiguous(), min_overlap)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -50,10 +50,28 @@ def mask_search(query_bits: torch.Tensor, bank_bits: torch.Tensor) -> tuple[torc
         >>> index, overlap = mask_search(query_bits, bank.bits)
     """
     _check_inputs(query_bits, bank_bits)
-    backend = resolve_backend("mask_search", query_bits.device)
-    if backend == "native" and native_available(query_bits.device):
-        return torch.ops.memoir.mask_search(query_bits.contiguous(), bank_bits.contiguous())
+    return torch.ops.memoir.mask_search(query_bits, bank_bits)
+
+
+# ------------------------------------------------------------------------------ the registered op
+# memoir::mask_search: the PyTorch reference is the kernel for every device; CPU and CUDA tensors
+# take the compiled search where the backend switch says native. Fake: shapes for tracing.
+@torch.library.custom_op("memoir::mask_search", mutates_args=())
+def _mask_search_op(query_bits: torch.Tensor, bank_bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask_search_reference(query_bits, bank_bits)
+
+
+@_mask_search_op.register_kernel(("cpu", "cuda"))
+def _(query_bits: torch.Tensor, bank_bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if resolve_backend("mask_search", query_bits.device) == "native" and native_available(query_bits.device):
+        return torch.ops.memoir.mask_search_native(query_bits.contiguous(), bank_bits.contiguous())
+    return mask_search_reference(query_bits, bank_bits)
+
+
+@_mask_search_op.register_fake
+def _(query_bits, bank_bits):
+    batch = query_bits.shape[0]
+    return query_bits.new_empty(batch, dtype=torch.int64), query_bits.new_empty(batch, dtype=torch.int32)
 
 
 def _check_inputs(query_bits: torch.Tensor, bank_bits: torch.Tensor) -> None:

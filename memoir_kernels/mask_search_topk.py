@@ -75,17 +75,35 @@ def mask_search_topk(query_bits: torch.Tensor, bank_bits: torch.Tensor, r: int) 
     _check_inputs(query_bits, bank_bits)
     _check_r(r)
     device = query_bits.device
-    backend = resolve_backend("mask_search_topk", device)
-    if backend == "native" and native_available(device):
-        if device.type == "cuda" and r > CUDA_MAX_R:
-            if requested_backend() != "auto":
-                raise ValueError(
-                    f"mask_search_topk: the CUDA kernel takes r <= {CUDA_MAX_R}, got r={r}; "
-                    "use MEMOIR_BACKEND=auto or torch for larger r"
-                )
-            return mask_search_topk_reference(query_bits, bank_bits, r)
-        return torch.ops.memoir.mask_search_topk(query_bits.contiguous(), bank_bits.contiguous(), r)
+    if (device.type == "cuda" and r > CUDA_MAX_R and requested_backend() == "native"
+            and resolve_backend("mask_search_topk", device) == "native"):
+        raise ValueError(f"mask_search_topk: the CUDA kernel takes r <= {CUDA_MAX_R}, got r={r}; "
+                         "use MEMOIR_BACKEND=auto or torch for larger r")
+    return torch.ops.memoir.mask_search_topk(query_bits, bank_bits, r)
+
+
+# ------------------------------------------------------------------------------ the registered op
+# memoir::mask_search_topk: the PyTorch reference for every device; CPU and CUDA tensors take the
+# compiled search where the backend switch says native (on CUDA for r up to its limit).
+@torch.library.custom_op("memoir::mask_search_topk", mutates_args=())
+def _mask_search_topk_op(query_bits: torch.Tensor, bank_bits: torch.Tensor, r: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     return mask_search_topk_reference(query_bits, bank_bits, r)
+
+
+@_mask_search_topk_op.register_kernel(("cpu", "cuda"))
+def _(query_bits: torch.Tensor, bank_bits: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    device = query_bits.device
+    native = resolve_backend("mask_search_topk", device) == "native" and native_available(device)
+    if native and not (device.type == "cuda" and r > CUDA_MAX_R):
+        return torch.ops.memoir.mask_search_topk_native(query_bits.contiguous(), bank_bits.contiguous(), r)
+    return mask_search_topk_reference(query_bits, bank_bits, r)
+
+
+@_mask_search_topk_op.register_fake
+def _(query_bits, bank_bits, r):
+    batch = query_bits.shape[0]
+    return query_bits.new_empty(batch, r, dtype=torch.int64), query_bits.new_empty(batch, r, dtype=torch.int32)
 
 
 def _check_r(r: int) -> None:

@@ -91,9 +91,7 @@ def tophash(
         >>> bits = tophash(acts, attention_mask.bool(), mu, perm, k=439)
     """
     _check_acts(acts, window)
-    if resolve_backend("tophash", acts.device) == "triton":
-        return _tophash_triton(acts, window, mu, perm, k, inverse_perm)
-    return tophash_reference(acts, window, mu, perm, k)
+    return torch.ops.memoir.tophash(acts, window, mu, perm, k, inverse_perm)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -118,6 +116,27 @@ def _tophash_triton(acts, window, mu, perm, k, inverse_perm):
     if acts.shape[2] > 1 and acts.stride(2) != 1:
         acts = acts.contiguous()
     return torch.ops.memoir.tophash_triton(acts, window, mu, inverse_perm.contiguous(), k)
+
+
+# ------------------------------------------------------------------------------ the registered op
+# memoir::tophash: the PyTorch reference for every device, the Triton kernel where the backend
+# switch says triton (GPUs; the interpreter on CPU when asked for explicitly).
+@torch.library.custom_op("memoir::tophash", mutates_args=())
+def _tophash_op(acts: torch.Tensor, window: torch.Tensor | None, mu: torch.Tensor | None, perm: torch.Tensor, k: int,
+                inverse_perm: torch.Tensor | None) -> torch.Tensor:
+    return tophash_reference(acts, window, mu, perm, k)
+
+
+@_tophash_op.register_kernel(("cpu", "cuda"))
+def _(acts, window, mu, perm, k, inverse_perm):
+    if resolve_backend("tophash", acts.device) == "triton":
+        return _tophash_triton(acts, window, mu, perm, k, inverse_perm)
+    return tophash_reference(acts, window, mu, perm, k)
+
+
+@_tophash_op.register_fake
+def _(acts, window, mu, perm, k, inverse_perm):
+    return acts.new_empty(acts.shape[0], num_words(acts.shape[2]), dtype=torch.int64)
 
 
 def _check_acts(acts: torch.Tensor, window: torch.Tensor | None) -> None:

@@ -56,16 +56,53 @@ def tophash_residual(
         >>> hidden = base_out + tophash_residual(key, layer.permutation, layer.top_k, acts, layer.memory)
     """
     _check(key, perm, acts, memory)
-    if resolve_backend("tophash_residual", acts.device) == "triton":
-        if inverse_perm is None:
-            inverse_perm = inverse_permutation(perm)
-        if acts.shape[1] > 1 and acts.stride(1) != 1:  # any row stride is read as it is
-            acts = acts.contiguous()
-        return torch.ops.memoir.tophash_residual_triton(
-            key.reshape(-1).to(torch.float32).contiguous(), inverse_perm.contiguous(), perm.contiguous(), k,
-            acts, memory.contiguous(),
-        )
+    return torch.ops.memoir.tophash_residual(key.reshape(-1), perm, k, acts, memory, inverse_perm)
+
+
+# ------------------------------------------------------------------------------ the registered op
+# memoir::tophash_residual: the PyTorch reference for every device, the Triton kernel where the
+# backend switch says triton; one backward for both (the mask again from the key, then the two
+# products of a masked matmul), so W_m trains the same way on either.
+@torch.library.custom_op("memoir::tophash_residual", mutates_args=())
+def _tophash_residual_op(key: torch.Tensor, perm: torch.Tensor, k: int, acts: torch.Tensor, memory: torch.Tensor,
+                         inverse_perm: torch.Tensor | None) -> torch.Tensor:
     return tophash_residual_reference(key, perm, k, acts, memory)
+
+
+@_tophash_residual_op.register_kernel(("cpu", "cuda"))
+def _(key, perm, k, acts, memory, inverse_perm):
+    if resolve_backend("tophash_residual", acts.device) != "triton":
+        return tophash_residual_reference(key, perm, k, acts, memory)
+    if inverse_perm is None:
+        inverse_perm = inverse_permutation(perm)
+    if acts.shape[1] > 1 and acts.stride(1) != 1:  # any row stride is read as it is
+        acts = acts.contiguous()
+    return torch.ops.memoir.tophash_residual_triton(key.to(torch.float32).contiguous(), inverse_perm.contiguous(),
+                                                    perm.contiguous(), k, acts, memory.contiguous())
+
+
+@_tophash_residual_op.register_fake
+def _(key, perm, k, acts, memory, inverse_perm):
+    return acts.new_empty(acts.shape[0], memory.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    key, perm, k, acts, memory, _ = inputs
+    ctx.save_for_backward(key, perm, acts, memory)
+    ctx.k = k
+
+
+def _backward(ctx, grad):
+    # The mask again from the key (cheap, PyTorch), then the two products of a masked matmul.
+    key, perm, acts, memory = ctx.saved_tensors
+    mask = unpack_bits(tophash_from_keys(key.reshape(1, -1), perm, ctx.k), key.numel())[0].to(memory.dtype)
+    grad = grad.to(memory.dtype)
+    grad_acts = ((grad @ memory.T) * mask).to(acts.dtype)
+    grad_memory = (acts.to(memory.dtype) * mask).T @ grad
+    return None, None, None, grad_acts, grad_memory, None
+
+
+_tophash_residual_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(key, perm, acts, memory) -> None:
@@ -129,7 +166,7 @@ if HAS_TRITON:
                  mask=in_t[:, None] & in_n[None, :])
 
     @triton_op("memoir::tophash_residual_triton", mutates_args=())
-    def _tophash_residual_op(
+    def _tophash_residual_triton_op(
         key: torch.Tensor, inverse_perm: torch.Tensor, perm: torch.Tensor, k: int, acts: torch.Tensor,
         memory: torch.Tensor,
     ) -> torch.Tensor:
@@ -148,22 +185,6 @@ if HAS_TRITON:
         )
         return out.to(acts.dtype) if emulate else out
 
-    @_tophash_residual_op.register_fake
+    @_tophash_residual_triton_op.register_fake
     def _(key, inverse_perm, perm, k, acts, memory):
         return acts.new_empty(acts.shape[0], memory.shape[1])
-
-    def _setup_context(ctx, inputs, output):
-        key, _, perm, k, acts, memory = inputs
-        ctx.save_for_backward(key, perm, acts, memory)
-        ctx.k = k
-
-    def _backward(ctx, grad):
-        # The mask again from the key (cheap, PyTorch), then the two products of a masked matmul.
-        key, perm, acts, memory = ctx.saved_tensors
-        mask = unpack_bits(tophash_from_keys(key.reshape(1, -1), perm, ctx.k), key.numel())[0].to(memory.dtype)
-        grad = grad.to(memory.dtype)
-        grad_acts = ((grad @ memory.T) * mask).to(acts.dtype)
-        grad_memory = (acts.to(memory.dtype) * mask).T @ grad
-        return None, None, None, None, grad_acts, grad_memory
-
-    _tophash_residual_op.register_autograd(_backward, setup_context=_setup_context)

@@ -93,3 +93,33 @@ def test_auto_never_picks_the_triton_interpreter_on_cpu(monkeypatch):
     monkeypatch.setenv("MEMOIR_BACKEND", "auto")
     assert resolve_backend("tophash", "cpu") == "torch"
     assert resolve_backend("memoir_down_proj", "cpu") == "torch"
+
+
+def _registered_op_samples():
+    from memoir_kernels import pack_bits
+
+    generator = torch.Generator().manual_seed(5)
+    bank = pack_bits(torch.rand(6, 70, generator=generator) < 0.3)
+    query = pack_bits(torch.rand(3, 70, generator=generator) < 0.3)
+    a, memory = torch.randn(6, 70, generator=generator), torch.randn(70, 9, generator=generator)
+    base = torch.randn(6, 9, generator=generator)
+    index, overlap = torch.tensor([4, 0, 2]), torch.tensor([12, 3, 9], dtype=torch.int32)
+    gate = torch.tensor([True, False, True])
+    key, perm = torch.randn(70, generator=generator), torch.randperm(70, generator=generator)
+    acts, window = torch.randn(2, 5, 70, generator=generator), torch.rand(2, 5, generator=generator) < 0.7
+    return {
+        "tophash": (acts, window, torch.randn(70, generator=generator), perm, 20, None),
+        "mask_search": (query, bank),
+        "mask_search_topk": (query, bank, 4),
+        "memoir_down_proj": (a, None, memory, None, 2, bank[:3], gate, None, base),
+        "memoir_down_proj_routed": (a, memory, None, 2, bank, index, overlap, 8, base),
+        "memoir_down_proj_routed_": (a, memory, None, 2, bank, index, overlap, 8, base.clone()),
+        "tophash_residual": (key, perm, 20, a.clone().requires_grad_(), memory.clone().requires_grad_(), None),
+    }
+
+
+@pytest.mark.parametrize("name", list(_registered_op_samples()))
+def test_each_public_op_is_one_registered_op(name):
+    """Schema, fake (meta) implementation and autograd registration of every public op, checked by
+    torch.library.opcheck on the kernel this machine runs."""
+    torch.library.opcheck(getattr(torch.ops.memoir, name).default, _registered_op_samples()[name])

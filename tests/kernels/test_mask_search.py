@@ -72,16 +72,16 @@ def test_native_cpu_kernel_is_built():
 
 def test_native_equals_reference_large_bank():
     bank, query = _random_masks(3000, 1536, 439), _random_masks(16, 1536, 439)
-    got = torch.ops.memoir.mask_search(query, bank)
+    got = torch.ops.memoir.mask_search_native(query, bank)
     want = mask_search_reference(query, bank)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_native_rejects_bad_input():
     with pytest.raises(RuntimeError, match="int64"):
-        torch.ops.memoir.mask_search(torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int64))
+        torch.ops.memoir.mask_search_native(torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="words per mask"):
-        torch.ops.memoir.mask_search(torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 3, dtype=torch.int64))
+        torch.ops.memoir.mask_search_native(torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 3, dtype=torch.int64))
 
 
 def test_equals_faiss_hamming_nearest_neighbour():
@@ -109,7 +109,7 @@ def test_native_ties_across_thread_slices_go_to_lowest_index():
     try:
         for threads in (1, 2, 4):
             torch.set_num_threads(threads)
-            index, overlap = torch.ops.memoir.mask_search(query, bank)
+            index, overlap = torch.ops.memoir.mask_search_native(query, bank)
             assert index.tolist() == [17] and overlap.tolist() == [439]
     finally:
         torch.set_num_threads(original)
@@ -119,15 +119,15 @@ def test_native_ties_across_thread_slices_go_to_lowest_index():
 def test_native_query_groups_equal_reference(batch):
     """Batches that are not a multiple of the kernel's query group of 8."""
     bank, query = _random_masks(700, 14336 // 8, 512), _random_masks(batch, 14336 // 8, 512)
-    got, want = torch.ops.memoir.mask_search(query, bank), mask_search_reference(query, bank)
+    got, want = torch.ops.memoir.mask_search_native(query, bank), mask_search_reference(query, bank)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_native_op_passes_opcheck():
     """Schema, fake (meta) implementation and autograd registration are consistent."""
     query, bank = _random_masks(3, 130, 20), _random_masks(50, 130, 20)
-    torch.library.opcheck(torch.ops.memoir.mask_search.default, (query, bank))
-    torch.library.opcheck(torch.ops.memoir.mask_search.default, (query, bank[:0]))
+    torch.library.opcheck(torch.ops.memoir.mask_search_native.default, (query, bank))
+    torch.library.opcheck(torch.ops.memoir.mask_search_native.default, (query, bank[:0]))
 
 
 def test_mask_search_under_torch_compile():
@@ -146,7 +146,7 @@ def test_equals_faiss_at_llama_width():
     index = faiss.IndexBinaryFlat(dim)
     index.add(bank.numpy().view(np.uint8))
     distances, _ = index.search(query.numpy().view(np.uint8), 1)
-    got_index, got_overlap = torch.ops.memoir.mask_search(query, bank)
+    got_index, got_overlap = torch.ops.memoir.mask_search_native(query, bank)
     assert got_overlap.tolist() == [k - int(d) // 2 for d in distances[:, 0]]
     assert got_index[1].item() == 123
 
@@ -167,10 +167,10 @@ def test_cuda_kernel_equals_reference(n, dim, k, batch):
     if n > 10:
         bank[n - 1] = query[0]  # a tie with ...
         bank[n // 3] = query[0]  # ... a lower index, in another block's share of the bank
-    got = torch.ops.memoir.mask_search(query, bank)
+    got = torch.ops.memoir.mask_search_native(query, bank)
     want = mask_search_reference(query.cpu(), bank.cpu())
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
-    again = torch.ops.memoir.mask_search(query, bank)  # a second call starts from a fresh counter
+    again = torch.ops.memoir.mask_search_native(query, bank)  # a second call starts from a fresh counter
     assert torch.equal(again[0], got[0])
 
 
@@ -198,7 +198,7 @@ def test_cuda_searches_on_two_streams_keep_their_own_counters():
     for _ in range(25):
         for name in ("a", "b"):
             with torch.cuda.stream(streams[name]):
-                results.append((name, torch.ops.memoir.mask_search(*inputs[name])))
+                results.append((name, torch.ops.memoir.mask_search_native(*inputs[name])))
     torch.cuda.synchronize()
     for name, (index, overlap) in results:
         assert torch.equal(index.cpu(), want[name][0]) and torch.equal(overlap.cpu(), want[name][1]), name
@@ -214,11 +214,11 @@ def test_cuda_search_replays_in_a_cuda_graph():
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up outside the capture, as torch.cuda.graph expects
-        torch.ops.memoir.mask_search(query, bank)
+        torch.ops.memoir.mask_search_native(query, bank)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        index, overlap = torch.ops.memoir.mask_search(query, bank)
+        index, overlap = torch.ops.memoir.mask_search_native(query, bank)
     for step in range(3):
         fresh = _random_masks(3, dim, k).cuda()
         fresh[1] = bank[1000 * step + 7]

@@ -49,7 +49,7 @@ def _oracle(query, bank, r):
 
 
 def _native(query, bank, r):
-    return torch.ops.memoir.mask_search_topk(query, bank, r)
+    return torch.ops.memoir.mask_search_topk_native(query, bank, r)
 
 
 def _dispatch_torch(query, bank, r):
@@ -136,7 +136,7 @@ def test_reference_chunk_boundaries(monkeypatch, chunk):
         want_index, want_overlap, _ = _oracle(query, bank, r)
         assert torch.equal(index, want_index) and torch.equal(overlap, want_overlap)
         if native_available(torch.device("cpu")):
-            got = torch.ops.memoir.mask_search_topk(query, bank, r)
+            got = torch.ops.memoir.mask_search_topk_native(query, bank, r)
             assert torch.equal(got[0], index) and torch.equal(got[1], overlap)
     assert index[0, :2].tolist() == [2, 149]
 
@@ -153,7 +153,7 @@ def test_native_thread_slices_keep_the_tie_rule(r):
     try:
         for threads in (1, 2, 3, 4):
             torch.set_num_threads(threads)
-            index, overlap = torch.ops.memoir.mask_search_topk(query, bank, r)
+            index, overlap = torch.ops.memoir.mask_search_topk_native(query, bank, r)
             assert torch.equal(index, want_index) and torch.equal(overlap, want_overlap), threads
     finally:
         torch.set_num_threads(original)
@@ -166,7 +166,7 @@ def test_native_equals_reference_llama_width(batch):
     """14336-bit masks, batches that are not a multiple of the kernel's query group of 8."""
     bank, query = _random_masks(700, 14336, 4096), _random_masks(batch, 14336, 4096)
     bank[650] = query[0]
-    got, want = torch.ops.memoir.mask_search_topk(query, bank, 4), mask_search_topk_reference(query, bank, 4)
+    got, want = torch.ops.memoir.mask_search_topk_native(query, bank, 4), mask_search_topk_reference(query, bank, 4)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert got[0][0, 0].item() == 650 and got[1][0, 0].item() == 4096
 
@@ -193,20 +193,20 @@ def test_rejects_bad_bits(search):
 def test_native_rejects_bad_input():
     query, bank = torch.zeros(1, 2, dtype=torch.int64), torch.zeros(3, 2, dtype=torch.int64)
     with pytest.raises(RuntimeError, match="r must be >= 1"):
-        torch.ops.memoir.mask_search_topk(query, bank, 0)
+        torch.ops.memoir.mask_search_topk_native(query, bank, 0)
     with pytest.raises(RuntimeError, match="int64"):
-        torch.ops.memoir.mask_search_topk(query.int(), bank, 2)
+        torch.ops.memoir.mask_search_topk_native(query.int(), bank, 2)
     with pytest.raises(RuntimeError, match="words per mask"):
-        torch.ops.memoir.mask_search_topk(query, torch.zeros(3, 4, dtype=torch.int64), 2)
+        torch.ops.memoir.mask_search_topk_native(query, torch.zeros(3, 4, dtype=torch.int64), 2)
     with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.memoir.mask_search_topk(query, torch.zeros(2, 3, dtype=torch.int64).t(), 2)
+        torch.ops.memoir.mask_search_topk_native(query, torch.zeros(2, 3, dtype=torch.int64).t(), 2)
 
 
 @needs_native
 def test_native_op_passes_opcheck():
     """Schema, fake (meta) implementation and autograd registration are consistent."""
     query, bank = _random_masks(3, 130, 20), _random_masks(50, 130, 20)
-    op = torch.ops.memoir.mask_search_topk.default
+    op = torch.ops.memoir.mask_search_topk_native.default
     torch.library.opcheck(op, (query, bank, 4))
     torch.library.opcheck(op, (query, bank[:2], 4))
     torch.library.opcheck(op, (query, bank[:0], 4))
@@ -279,18 +279,18 @@ def test_cuda_kernel_equals_reference(n, dim, k, batch, r):
         bank[n - 1] = query[0]  # a tie with ...
         bank[n // 3] = query[0]  # ... a lower index, scored by another warp
     want = mask_search_topk_reference(query, bank, r)
-    got = torch.ops.memoir.mask_search_topk(query.cuda(), bank.cuda(), r)
+    got = torch.ops.memoir.mask_search_topk_native(query.cuda(), bank.cuda(), r)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
-    again = torch.ops.memoir.mask_search_topk(query.cuda(), bank.cuda(), r)  # no state kept between calls
+    again = torch.ops.memoir.mask_search_topk_native(query.cuda(), bank.cuda(), r)  # no state kept between calls
     assert torch.equal(again[0], got[0]) and torch.equal(again[1], got[1])
-    assert torch.equal(got[0][:, 0], torch.ops.memoir.mask_search(query.cuda(), bank.cuda())[0])
+    assert torch.equal(got[0][:, 0], torch.ops.memoir.mask_search_native(query.cuda(), bank.cuda())[0])
 
 
 @pytest.mark.cuda
 def test_cuda_r_above_kernel_limit(monkeypatch):
     query, bank = _random_masks(2, 130, 5).cuda(), _random_masks(200, 130, 5).cuda()
     with pytest.raises(RuntimeError, match="r must be at most 64"):
-        torch.ops.memoir.mask_search_topk(query, bank, 65)
+        torch.ops.memoir.mask_search_topk_native(query, bank, 65)
     set_backend("native")
     with pytest.raises(ValueError, match="r <= 64"):
         mask_search_topk(query, bank, 65)

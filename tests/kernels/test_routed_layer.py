@@ -118,7 +118,7 @@ def test_routed_step_launches_three_ops_on_top_of_the_original_module(triton_bac
     finally:
         layer.call = None
     without_window = _logged(layer, acts)  # no call context: every token is the prompt, no fill first
-    kernels = ["memoir.tophash_triton", "memoir.mask_search", "memoir.down_proj_routed_triton"]
+    kernels = ["memoir.tophash", "memoir.mask_search", "memoir.memoir_down_proj_routed"]
     base = _logged(layer.base_layer, acts)
     assert fresh == base + kernels
     assert without_window == base + kernels
