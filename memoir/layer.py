@@ -333,7 +333,7 @@ class MemoirLayer(nn.Module):
                                 self.memory, inverse_perm=self._inverse_permutation()).view(own, tokens, -1)
         if not session.rehearsed_rows:
             return head
-        stored = unpack_bits(session.rehearsal_bits, self.in_features).unsqueeze(1)
+        stored = session.masks(rows, self.in_features)[own:].unsqueeze(1)  # unpacked once per edit
         return torch.cat([head, masked_residual(acts[own:], self.memory, stored)])
 
     def _begin_training(self, session: TrainingPass, acts: torch.Tensor) -> None:
