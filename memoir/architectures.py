@@ -50,6 +50,8 @@ class _Preset:
     rehearse: int = 4  # the product's default (README, "Rehearsal"); 0 is the faithful recipe
     answer_end: str = "none"  # "eos" teaches where the answer ends (README, "Answers that end")
     train_chat: bool = False  # True trains the chat-templated turn too (README, "Answers that end")
+    early_stop_loss: float = 0.02  # the reference's stop: loss at most this...
+    early_stop_delta: float = 1e-4  # ...and changed by at most this
 
 
 # Keyed by (model_type, n_layers, hidden size, intermediate size). The LLaMA-3 / Mistral values are
@@ -147,4 +149,8 @@ def resolve_config(model: nn.Module, config: MemoirConfig | None) -> MemoirConfi
         changes["answer_end"] = preset.answer_end
     if config.train_chat is None:
         changes["train_chat"] = preset.train_chat
+    if config.early_stop_loss is None:
+        changes["early_stop_loss"] = preset.early_stop_loss
+    if config.early_stop_delta is None:
+        changes["early_stop_delta"] = preset.early_stop_delta
     return config.replace(**changes) if changes else config

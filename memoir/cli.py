@@ -52,7 +52,8 @@ def _config_from_args(args):
     changes = {key: getattr(args, key) for key in ("target_module", "top_k", "irr_threshold", "n_iter", "lr",
                                                      "weight_decay", "decay_scope", "key_aggregation", "memory_dtype",
                                                      "num_background", "rehearse", "rehearse_select",
-                                                     "rehearse_min_overlap", "rehearse_weight", "answer_end")
+                                                     "rehearse_min_overlap", "rehearse_weight", "answer_end",
+                                                     "early_stop_loss", "early_stop_delta")
                if getattr(args, key) is not None}
     if args.no_fast_edit:
         changes["fast_edit"] = False
@@ -259,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-iter", type=int, default=None)
     ev.add_argument("--lr", type=float, default=None)
     ev.add_argument("--weight-decay", type=float, default=None)
+    ev.add_argument("--early-stop-loss", type=float, default=None, metavar="LOSS",
+                    help="stop an edit once its loss is at most LOSS... (faithful recipe: 0.02; default: the preset)")
+    ev.add_argument("--early-stop-delta", type=float, default=None, metavar="DELTA",
+                    help="...and changed by at most DELTA in a step (faithful recipe: 1e-4; default: the preset)")
     ev.add_argument("--decay-scope", choices=DECAY_SCOPES, default=None)
     ev.add_argument("--key-aggregation", choices=KEY_AGGREGATIONS, default=None)
     ev.add_argument("--generate", action="store_true",

@@ -77,8 +77,13 @@ class MemoirConfig:
                           "ignored for a tokenizer without a chat template; None = preset."},
     )
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip per step (0 disables)."})
-    early_stop_loss: float = field(default=0.02, metadata={"help": "Stop when the loss is at most this..."})
-    early_stop_delta: float = field(default=1e-4, metadata={"help": "...and changed by at most this."})
+    early_stop_loss: float | None = field(
+        default=None, metadata={"help": "Stop when the loss is at most this...; None = preset (reference: 0.02)."}
+    )
+    early_stop_delta: float | None = field(
+        default=None, metadata={"help": "...and changed by at most this since the last step; None = preset "
+                                        "(reference: 1e-4)."}
+    )
     context_lengths: tuple[int, ...] = field(
         default=(5, 10), metadata={"help": "New-token counts of the generated context prefixes."}
     )
@@ -122,10 +127,10 @@ class MemoirConfig:
         _check(self.answer_end is None or self.answer_end in ANSWER_ENDS, f"answer_end must be one of {ANSWER_ENDS}")
         _check(self.train_chat is None or isinstance(self.train_chat, bool), "train_chat must be a bool or None")
         _check(_is_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip must be a finite number >= 0")
-        _check(_is_finite(self.early_stop_loss) and self.early_stop_loss >= 0,
-               "early_stop_loss must be a finite number >= 0")
-        _check(_is_finite(self.early_stop_delta) and self.early_stop_delta >= 0,
-               "early_stop_delta must be a finite number >= 0")
+        _check(self.early_stop_loss is None or (_is_finite(self.early_stop_loss) and self.early_stop_loss >= 0),
+               "early_stop_loss must be a finite number >= 0 or None")
+        _check(self.early_stop_delta is None or (_is_finite(self.early_stop_delta) and self.early_stop_delta >= 0),
+               "early_stop_delta must be a finite number >= 0 or None")
         _check(all(n > 0 for n in self.context_lengths), "context_lengths must be positive")
         _check(_is_int(self.num_background) and self.num_background > 0, "num_background must be a positive int")
         _check(_is_int(self.seed), "seed must be an int")

@@ -69,8 +69,9 @@ class MEMOIRHyperParams:
     feature file averaged into mu; the reference uses 100) and the rehearsal keys ``rehearse``
     (stored edits rehearsed per edit; default 0, the reference's recipe), ``rehearse_select``,
     ``rehearse_min_overlap``, ``rehearse_weight``, ``rehearse_prefixes``, ``answer_end``
-    (default ``"none"``, the reference's recipe) and ``train_chat`` (default false, the
-    reference's recipe; see :class:`memoir.MemoirConfig`).
+    (default ``"none"``, the reference's recipe), ``train_chat`` (default false, the
+    reference's recipe), ``early_stop_loss`` and ``early_stop_delta`` (default 0.02 and 1e-4, the
+    reference's stop; see :class:`memoir.MemoirConfig`).
     """
 
     edit_lr: float
@@ -99,6 +100,8 @@ class MEMOIRHyperParams:
     rehearse_prefixes: bool = False
     answer_end: str = "none"
     train_chat: bool = False
+    early_stop_loss: float = 0.02
+    early_stop_delta: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.alg_name != "MEMOIR":
@@ -107,6 +110,8 @@ class MEMOIRHyperParams:
         self.irr_threshold = _number(self.irr_threshold, "irr_threshold")
         if self.weight_decay is not None:
             self.weight_decay = _number(self.weight_decay, "weight_decay")
+        self.early_stop_loss = _number(self.early_stop_loss, "early_stop_loss")
+        self.early_stop_delta = _number(self.early_stop_delta, "early_stop_delta")
         for name in ("n_iter", "top_k", "batch_size", "max_length", "num_background"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -183,7 +188,8 @@ class MEMOIRHyperParams:
                        num_background=self.num_background, rehearse=self.rehearse,
                        rehearse_select=self.rehearse_select, rehearse_min_overlap=self.rehearse_min_overlap,
                        rehearse_weight=self.rehearse_weight, rehearse_prefixes=self.rehearse_prefixes,
-                       answer_end=self.answer_end, train_chat=self.train_chat)
+                       answer_end=self.answer_end, train_chat=self.train_chat,
+                       early_stop_loss=self.early_stop_loss, early_stop_delta=self.early_stop_delta)
         if self.weight_decay is not None:
             changes["weight_decay"] = self.weight_decay
         return (base or MemoirConfig()).replace(**changes)
