@@ -264,7 +264,7 @@ class _FastLoss(_PlainLoss):
         above = self.stack.blocks[self.stack.start + 1 :]
         for number, block in enumerate(above):
             tokens = self.loss_tokens if number == len(above) - 1 else self.needed_tokens
-            with _mlp_on_tokens(block, self.stack.mlp_path, tokens):
+            with _block_on_tokens(block, self.stack.mlp_path, tokens, self.needed_tokens):
                 hidden = _first(block(hidden, *rest, **kwargs))
         selected = self.stack.final_norm(hidden[self.rows, self.positions - 1])
         if isinstance(self.stack.head, nn.Linear):
@@ -278,37 +278,56 @@ class _FastLoss(_PlainLoss):
 
 
 @contextlib.contextmanager
-def _mlp_on_tokens(block: nn.Module, mlp_path: str | None, tokens: torch.Tensor):
-    """Run ``block``'s MLP only on the flat token indices ``tokens``; other positions get zeros.
+def _block_on_tokens(block: nn.Module, mlp_path: str | None, mlp_tokens: torch.Tensor, needed_tokens: torch.Tensor):
+    """Run ``block``'s MLP on the flat token indices ``mlp_tokens`` only, and each linear layer of
+    its attention on ``needed_tokens`` only; other positions get zeros.
 
-    The MLP is position-wise and holds about three quarters of a block's matrix work, so skipping
-    padding and tokens that cannot reach the loss is most of what packing rows would save.
+    The MLP is position-wise and holds about two thirds of a block's matrix work, the attention's
+    projections the rest. Padding and the tokens after each row's last loss position cannot reach
+    the loss (causal attention), so their projections are skipped too: with rows of mixed lengths
+    (a chat-templated row is twice as long as the others) that is most of what packing would save.
     """
     if mlp_path is None:
         yield
         return
     mlp = block.get_submodule(mlp_path)
-    shape = {}
-
-    def gather(_module, args):
-        hidden = args[0]
-        shape["full"] = hidden.shape
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens).unsqueeze(0), *args[1:])
-
-    def scatter(_module, _args, output):
-        if not isinstance(output, torch.Tensor):
-            raise RuntimeError(f"MEMOIR fast path: {type(_module).__name__} returned {type(output).__name__}, "
-                               "expected a tensor; edit with fast_edit=False")
-        batch, width, _ = shape["full"]
-        full = output.new_zeros(batch * width, output.shape[-1]).index_copy(0, tokens, output[0])
-        return full.view(batch, width, -1)
-
-    handles = [mlp.register_forward_pre_hook(gather), mlp.register_forward_hook(scatter)]
+    inside_mlp = {id(module) for module in mlp.modules()}
+    attention = [module for module in block.modules() if isinstance(module, nn.Linear) and id(module) not in inside_mlp]
+    handles = []
     try:
+        handles += _on_tokens(mlp, mlp_tokens)
+        for linear in attention:
+            handles += _on_tokens(linear, needed_tokens)
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _on_tokens(module: nn.Module, tokens: torch.Tensor) -> list:
+    """Hooks that feed ``module`` only the rows ``tokens`` of its flattened input and scatter its
+    output back into zeros. Inputs whose leading dimensions are not the block's tokens pass as is."""
+    shape = {}
+
+    def gather(_module, args):
+        hidden = args[0]
+        shape.pop("leading", None)
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+            return None
+        shape["leading"] = hidden.shape[:-1]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens).unsqueeze(0), *args[1:])
+
+    def scatter(_module, _args, output):
+        if "leading" not in shape:
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise RuntimeError(f"MEMOIR fast path: {type(_module).__name__} returned {type(output).__name__}, "
+                               "expected a tensor; edit with fast_edit=False")
+        leading = shape["leading"]
+        full = output.new_zeros(leading.numel(), output.shape[-1]).index_copy(0, tokens, output[0])
+        return full.view(*leading, -1)
+
+    return [module.register_forward_pre_hook(gather), module.register_forward_hook(scatter)]
 
 
 @dataclass

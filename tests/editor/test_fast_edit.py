@@ -211,3 +211,41 @@ def test_interrupted_evaluation_keeps_its_curve_points(char_tokenizer, tmp_path)
     assert [p["edits"] for p in resumed["curve"]] == [1, 2, 3, 4]
     assert resumed["curve"] == expected["curve"]
     assert resumed["rel"] == expected["rel"] and resumed["loc"] == expected["loc"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptj", "gpt_neox"])
+def test_fast_path_projects_only_the_tokens_that_reach_the_loss(arch, char_tokenizer):
+    """Above the edited block, each attention projection sees only the tokens before each row's last
+    loss position: never padding, never a row's last target token (rows here differ in length)."""
+    model = tiny_model(arch, vocab_size=len(char_tokenizer))
+    paths = architecture_of(model)
+    editor = memoir.attach(model, char_tokenizer,
+                           tiny_config(n_iter=2, target_module=f"{paths.blocks}.1.{paths.mlp_out}"))
+    editor.fit_background(UNRELATED)
+    block = model.get_submodule(paths.blocks)[2]
+    mlp = block.get_submodule(editor._stack.mlp_path)
+    projections = [m for m in block.modules() if isinstance(m, torch.nn.Linear)
+                   and not any(m is inner for inner in mlp.modules())]
+    assert projections, "no attention projection found"
+    seen, batches = [], []
+    original = memoir.training._FastLoss.__call__
+
+    def step(self):
+        batches.append(self.batch)
+        # A forward hook sees the input the module actually ran on.
+        handle = projections[0].register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[:-1].numel()))
+        try:
+            return original(self)
+        finally:
+            handle.remove()
+
+    try:
+        memoir.training._FastLoss.__call__ = step
+        editor.edit(*EDITS[0])
+    finally:
+        memoir.training._FastLoss.__call__ = original
+    lengths = batches[0].lengths
+    assert int(lengths.min()) < int(lengths.max())  # padding present
+    needed = int((lengths - 1).sum())
+    assert len(seen) == len(batches) == 2
+    assert all(rows == needed < batches[0].input_ids.numel() for rows in seen), (seen, needed)
