@@ -1,17 +1,23 @@
-"""Seconds per edit: the fast editing path vs the plain recipe, and rehearsal on vs off, same model,
-same records, same run.
+"""Seconds per edit, same model, same records, same run: the fast editing path vs the plain recipe,
+and the preset vs the faithful recipe.
 
     python -m pytest benchmarks/bench_edit.py --benchmark-only --benchmark-json out.json
 
-Cases: ``plain`` and ``fast`` edit with the faithful recipe (no rehearsal); ``fast-rehearse``
-uses the preset's rehearsal. Every case first stores ``MEMOIR_BENCH_WARM`` edits (untimed, default
-4, so that rehearsal has stored edits to choose from), then times the next ``MEMOIR_BENCH_RECORDS``.
+Cases:
+
+- ``plain`` and ``fast``: the faithful recipe through the plain and the fast path, both exactly
+  ``MEMOIR_BENCH_STEPS`` SGD steps per edit (default 30, early stop off), so the time per step is
+  what differs; the fast case's ``extra_info`` holds ``speedup_vs_plain``.
+- ``faithful`` and ``preset``: each recipe as shipped, with its own step count and early stop
+  (faithful: ``MemoirConfig(rehearse=0, answer_end="none", train_chat=False, n_iter=30,
+  early_stop_loss=0.02, early_stop_delta=1e-4)``; preset: ``MemoirConfig()``); the preset case's
+  ``extra_info`` holds ``preset_vs_faithful``, the ratio of the median seconds per edit.
+
+Every case first stores ``MEMOIR_BENCH_WARM`` edits (untimed, default 4, so that rehearsal has
+stored edits to choose from), then times the next ``MEMOIR_BENCH_RECORDS`` (default 3).
 
 The model is chosen by ``MEMOIR_BENCH_MODEL``: ``smollm2`` (default; the bundled SmolLM2-135M,
 CPU or GPU), ``llama3-8b`` (LLaMA-3-8B's shapes with random bf16 weights, for a GPU) or ``tiny``.
-Both paths run exactly ``MEMOIR_BENCH_STEPS`` SGD steps per edit (default 30, the recipe's
-maximum; early stop off) on the same ZsRE records, so the time per step is what differs. The plain recipe is the baseline; the
-speed-up is written into the fast case's ``extra_info``.
 """
 
 import os
@@ -73,8 +79,17 @@ def requests():
     return [{"prompt": r["src"], "target": r["alt"]} for r in edits], background_sentences(records[1000:1100], 20)
 
 
-def _prepared_editor(model, tokenizer, background, fast: bool, rehearse: int | None, warm: list[dict]):
-    config = MemoirConfig(fast_edit=fast, n_iter=STEPS, early_stop_loss=0.0, rehearse=rehearse)
+FAITHFUL = dict(rehearse=0, answer_end="none", train_chat=False, n_iter=30, early_stop_loss=0.02,
+                early_stop_delta=1e-4)
+CONFIGS = {
+    "plain": MemoirConfig(**{**FAITHFUL, "fast_edit": False, "n_iter": STEPS, "early_stop_loss": 0.0}),
+    "fast": MemoirConfig(**{**FAITHFUL, "n_iter": STEPS, "early_stop_loss": 0.0}),
+    "faithful": MemoirConfig(**FAITHFUL),
+    "preset": MemoirConfig(),
+}
+
+
+def _prepared_editor(model, tokenizer, background, config: MemoirConfig, warm: list[dict]):
     editor = memoir.attach(model, tokenizer, config)
     editor.fit_background(background)
     editor.ensure_context_prefixes()
@@ -82,35 +97,37 @@ def _prepared_editor(model, tokenizer, background, fast: bool, rehearse: int | N
     return editor
 
 
-def _edit_all(editor, edits) -> list[float]:
-    """Seconds of each edit of ``edits``, made in sequence."""
+def _edit_all(editor, edits, steps: list[int]) -> list[float]:
+    """Seconds of each edit of ``edits``, made in sequence; appends each edit's step count to ``steps``."""
     seconds = []
     for request in edits:
         start = time.perf_counter()
-        editor.edit(request["prompt"], request["target"])
+        result = editor.edit(request["prompt"], request["target"])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
+        steps.append(result.iterations)
     return seconds
 
 
-@pytest.mark.parametrize("path", ["plain", "fast", "fast-rehearse"])
+@pytest.mark.parametrize("path", list(CONFIGS))
 def test_seconds_per_edit(benchmark, record, model_and_tokenizer, requests, path):
     model, tokenizer = model_and_tokenizer
     edits, background = requests
     warm, edits = edits[:WARM], edits[WARM:]
-    editor = _prepared_editor(model, tokenizer, background, fast=path != "plain",
-                              rehearse=None if path == "fast-rehearse" else 0, warm=warm)
+    editor = _prepared_editor(model, tokenizer, background, CONFIGS[path], warm)
+    steps = []
     benchmark.group = f"edit {MODEL}"
     try:
-        seconds = benchmark.pedantic(_edit_all, args=(editor, edits), rounds=1, iterations=1)
+        seconds = benchmark.pedantic(_edit_all, args=(editor, edits, steps), rounds=1, iterations=1)
+        config = editor.config
     finally:
         editor.detach()
     _seconds[path] = statistics.median(seconds)
-    values = {"model": MODEL, "steps_per_edit": STEPS, "edits": len(edits), "median_sec_per_edit": _seconds[path],
-              "rehearse": editor.config.rehearse}
+    values = {"model": MODEL, "edits": len(edits), "median_sec_per_edit": _seconds[path],
+              "mean_steps_per_edit": statistics.mean(steps), "config": config.to_dict()}
     if path == "fast" and "plain" in _seconds:
         values["speedup_vs_plain"] = _seconds["plain"] / _seconds["fast"]
-    if path == "fast-rehearse" and "fast" in _seconds:
-        values["rehearse_cost_vs_fast"] = _seconds["fast-rehearse"] / _seconds["fast"]
+    if path == "preset" and "faithful" in _seconds:
+        values["preset_vs_faithful"] = _seconds["preset"] / _seconds["faithful"]
     record(**values)
