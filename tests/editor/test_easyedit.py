@@ -66,6 +66,9 @@ def test_shipped_hparams_match_the_presets():
         assert hparams.rehearse == (preset.rehearse if name == "smollm2-135m" else 0), name
         assert (hparams.answer_end, hparams.train_chat) == (
             (preset.answer_end, preset.train_chat) if name == "smollm2-135m" else ("none", False)), name
+        # The reference stops at loss <= 0.02 once a step changes it by <= 1e-4.
+        assert (hparams.early_stop_loss, hparams.early_stop_delta) == (
+            (preset.early_stop_loss, preset.early_stop_delta) if name == "smollm2-135m" else (0.02, 1e-4)), name
     llama2 = MEMOIRHyperParams.from_hparams("llama-7b")  # proportional rule, no measured preset
     assert llama2.target_module == "model.layers.27.mlp.down_proj" and llama2.top_k == round(0.2857 * 11008)
 

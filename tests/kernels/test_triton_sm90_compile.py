@@ -15,8 +15,10 @@ import pytest
 
 SCRIPT = textwrap.dedent('''
     import importlib
+    import itertools
     import re
     import subprocess
+    import sys
     import tempfile
     from pathlib import Path
 
@@ -42,7 +44,13 @@ SCRIPT = textwrap.dedent('''
                                  capture_output=True, text=True, check=True).stderr
         return max(int(n) for n in re.findall(r"(\\d+) bytes spill stores", log))
 
+    # This process compiles every SHARDS-th build, starting at SHARD (the test runs one process per core).
+    SHARD, SHARDS = int(sys.argv[1]), int(sys.argv[2])
+    numbering = itertools.count()
+
     def build(fn, signature, constants, num_warps=4, num_stages=3):
+        if next(numbering) % SHARDS != SHARD:
+            return
         constants = dict(constants)
         signature = dict(signature, **{name: "constexpr" for name in constants})
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target,
@@ -98,7 +106,7 @@ SCRIPT = textwrap.dedent('''
             for config in down_proj.DENSE_CONFIGS if every else down_proj.DENSE_CONFIGS[:1]:
                 build(down_proj._down_proj_dense_kernel, dict(sig, **sizes(size, "tokens")),
                       dict(consts, DOT_FP32=False, **config.kwargs), config.num_warps, config.num_stages)
-    print("compiled")
+    print("compiled", next(numbering))
 ''')
 
 
@@ -106,7 +114,14 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh cache: really compile
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr.lower():
-        pytest.skip("Triton's bundled ptxas is missing")
-    assert result.returncode == 0, result.stderr[-3000:]
+    shards = max(1, min(4, len(os.sched_getaffinity(0))))
+    workers = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(shard), str(shards)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for shard in range(shards)]
+    outputs = [worker.communicate(timeout=900) for worker in workers]
+    results = [(worker.returncode, *output) for worker, output in zip(workers, outputs, strict=True)]
+    for returncode, _stdout, stderr in results:
+        if returncode != 0 and "ptxas" in stderr and "not found" in stderr.lower():
+            pytest.skip("Triton's bundled ptxas is missing")
+        assert returncode == 0, stderr[-3000:]
+    # Every shard walked the same list of builds, so none was left out.
+    assert len({stdout.split()[-1] for _code, stdout, _err in results}) == 1
