@@ -1,8 +1,10 @@
 """Structure checks anyone can run: no import cycle among the package's modules, and each imports alone."""
 
 import ast
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -62,9 +64,12 @@ def test_no_import_cycles():
 
 def test_every_module_imports_first_in_a_fresh_interpreter():
     """Each module imported first, alone, in its own interpreter (``__main__`` runs the CLI: left out)."""
-    failures = {}
-    for module in sorted(set(_modules()) - {"memoir.__main__"}):
-        done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True)
-        if done.returncode:
-            failures[module] = done.stderr.strip().splitlines()[-1:]
+    def import_alone(module: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True)
+
+    modules = sorted(set(_modules()) - {"memoir.__main__"})
+    # One interpreter per module, as many at a time as this process has cores (each is mostly torch's import).
+    with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool:
+        results = dict(zip(modules, pool.map(import_alone, modules), strict=True))
+    failures = {module: done.stderr.strip().splitlines()[-1:] for module, done in results.items() if done.returncode}
     assert not failures, failures
