@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,10 @@ def test_a_memory_saved_before_the_registry_loads_with_no_records(char_tokenizer
     with pytest.warns(UserWarning, match="without rehearsal"):
         loaded.edit(*EDITS[2])
     assert [r.prompt for r in loaded.edits] == [EDITS[2][0]] and loaded.edits[0].rehearsed == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the next edit edits without rehearsal silently
+        loaded.edit("Carol plays", "chess")
+    assert [r.rehearsed for r in loaded.edits] == [0, 0]
 
 
 def _saved(char_tokenizer, tmp_path):
