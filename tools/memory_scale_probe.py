@@ -20,12 +20,7 @@ import torch
 from memoir.checkpoint import read_progress
 from memoir.cli import _default_data, _load_model
 from memoir.editor import load
-from memoir.evaluation import edit_stream, load_zsre, teacher_forced
-
-
-def _quarters(values: list[float]) -> list[float]:
-    size = len(values) // 4
-    return [sum(values[i * size:(i + 1) * size]) / size for i in range(4)] if size else []
+from memoir.evaluation import _by_quarter, edit_stream, load_zsre, teacher_forced
 
 
 def main() -> None:
@@ -46,8 +41,8 @@ def main() -> None:
             editor.layer.memory.copy_(stored * scale)
         rel = teacher_forced(editor, [r["src"] for r in edits], [r["alt"] for r in edits]).accuracy
         result["rel"][str(scale)] = sum(rel) / len(rel)
-        result["rel_by_age_quarter"][str(scale)] = _quarters(rel)
-        print(f"scale {scale}: Rel {sum(rel) / len(rel):.3f}, by age", [round(x, 3) for x in _quarters(rel)])
+        result["rel_by_age_quarter"][str(scale)] = _by_quarter(rel)
+        print(f"scale {scale}: Rel {sum(rel) / len(rel):.3f}, by age", [round(x, 3) for x in _by_quarter(rel)])
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=1)
