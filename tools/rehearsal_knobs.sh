@@ -15,6 +15,9 @@ set -euo pipefail
 out=$1 core=$2 edits=$3; shift 3
 PY=${PY:-python}
 
+# The faithful recipe (the reference's MEMOIR: no rehearsal, no end label, no chat row, 30 steps,
+# the reference's stop), for the decay settings measured without rehearsal.
+FAITHFUL="--rehearse 0 --answer-end none --train-chat off --n-iter 30 --early-stop-delta 1e-4"
 declare -A FLAGS=(
     [preset]=""
     [r2]="--rehearse 2"
@@ -26,10 +29,11 @@ declare -A FLAGS=(
     [prefixes]="--rehearse-prefixes"
     [masked]="--decay-scope masked"
     [wd0]="--weight-decay 0"
-    [faithful_masked]="--rehearse 0 --decay-scope masked"
-    [faithful_wd0]="--rehearse 0 --weight-decay 0"
+    [faithful_masked]="$FAITHFUL --decay-scope masked"
+    [faithful_wd0]="$FAITHFUL --weight-decay 0"
+    [r8_wd0]="--rehearse 8 --weight-decay 0"
 )
-ORDER=(preset r2 r8 recent floor05 weight05 weight2 prefixes masked wd0 faithful_masked faithful_wd0)
+ORDER=(preset r2 r8 recent floor05 weight05 weight2 prefixes masked wd0 faithful_masked faithful_wd0 r8_wd0)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 
